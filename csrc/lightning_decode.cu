@@ -1,0 +1,139 @@
+// Lightning attention decode step: one token per sequence, fp32 state updated in place.
+//
+//   S[slot, h] = lambda_h * S[slot, h] + k^T v        o = scale * q S[slot, h]
+//
+// Memory-bound: every state element is read once and written once (8 bytes per element), q/k/v/o are
+// noise. A block owns one (row b, head h, slice of COLS state columns); columns are independent, so the
+// slices need no cross-block reduction. Each thread owns one 16-byte column group and D/ROW_GROUPS
+// rows, and issues all its state loads before the first use so enough bytes are in flight to saturate
+// HBM even at batch 16. No host synchronisation: padding (slot < 0) and bad slots are handled on device.
+#include "common.h"
+#include "lightning_decode.h"
+
+#include <stdexcept>
+#include <string>
+
+namespace m1 {
+namespace {
+
+template <typename T, int D, int DV, int COLS, int THREADS>
+__global__ void __launch_bounds__(THREADS) lightning_decode_kernel(LightningDecodeArgs a) {
+  constexpr int COL_THREADS = COLS / 4;               // one float4 of columns per thread
+  constexpr int ROW_GROUPS = THREADS / COL_THREADS;   // rows processed in parallel
+  constexpr int ROWS = D / ROW_GROUPS;                // rows per thread
+  constexpr int WARPS = THREADS / 32;
+  static_assert(THREADS % COL_THREADS == 0 && D % ROW_GROUPS == 0 && COL_THREADS <= 32, "bad tiling");
+
+  const int bh = blockIdx.x;
+  const int b = bh / a.num_heads;
+  const int h = bh - b * a.num_heads;
+  const int col_thread = threadIdx.x % COL_THREADS;
+  const int row_group = threadIdx.x / COL_THREADS;
+  const int col = blockIdx.y * COLS + col_thread * 4;
+
+  T* out = static_cast<T*>(a.out) + (int64_t(b) * a.num_heads + h) * DV + col;
+  const int slot = static_cast<const int*>(a.slot_idx)[b];
+  if (slot < 0 || slot >= a.num_slots) {
+    // Padding row: zeros. Out-of-range slot: NaN, so the bug is loud (checking on the host would sync).
+    const float fill = slot < 0 ? 0.f : __int_as_float(0x7fc00000);
+    if (row_group == 0) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) out[j] = from_float<T>(fill);
+    }
+    return;
+  }
+
+  const T* q = static_cast<const T*>(a.q) + int64_t(b) * a.q_stride_b + int64_t(h) * a.q_stride_h;
+  const T* k = static_cast<const T*>(a.k) + int64_t(b) * a.k_stride_b + int64_t(h) * a.k_stride_h;
+  const T* v = static_cast<const T*>(a.v) + int64_t(b) * a.v_stride_b + int64_t(h) * a.v_stride_h;
+  float4* state = reinterpret_cast<float4*>(static_cast<float*>(a.state) +
+                                            (int64_t(slot) * a.num_heads + h) * (int64_t(D) * DV) + col);
+
+  // All state loads first: ROWS independent 16-byte loads in flight per thread.
+  float4 s[ROWS];
+#pragma unroll
+  for (int i = 0; i < ROWS; ++i) s[i] = state[(row_group + i * ROW_GROUPS) * (DV / 4)];
+
+  const float decay = __expf(-static_cast<const float*>(a.slope)[h]);
+  float vv[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) vv[j] = to_float(v[col + j]);
+
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int i = 0; i < ROWS; ++i) {
+    const int row = row_group + i * ROW_GROUPS;
+    const float ki = to_float(k[row]);
+    const float qi = to_float(q[row]);
+    s[i].x = fmaf(decay, s[i].x, ki * vv[0]);
+    s[i].y = fmaf(decay, s[i].y, ki * vv[1]);
+    s[i].z = fmaf(decay, s[i].z, ki * vv[2]);
+    s[i].w = fmaf(decay, s[i].w, ki * vv[3]);
+    acc[0] = fmaf(qi, s[i].x, acc[0]);
+    acc[1] = fmaf(qi, s[i].y, acc[1]);
+    acc[2] = fmaf(qi, s[i].z, acc[2]);
+    acc[3] = fmaf(qi, s[i].w, acc[3]);
+    state[row * (DV / 4)] = s[i];
+  }
+
+  // Sum the partial outputs over row groups: first inside the warp, then across warps.
+#pragma unroll
+  for (int offset = COL_THREADS; offset < 32; offset *= 2) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], offset);
+  }
+  __shared__ float4 partial[WARPS][COL_THREADS];
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (lane < COL_THREADS) partial[warp][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  __syncthreads();
+  if (threadIdx.x < COL_THREADS) {
+    float4 total = partial[0][threadIdx.x];
+#pragma unroll
+    for (int w = 1; w < WARPS; ++w) {
+      const float4 p = partial[w][threadIdx.x];
+      total.x += p.x; total.y += p.y; total.z += p.z; total.w += p.w;
+    }
+    out[0] = from_float<T>(a.scale * total.x);
+    out[1] = from_float<T>(a.scale * total.y);
+    out[2] = from_float<T>(a.scale * total.z);
+    out[3] = from_float<T>(a.scale * total.w);
+  }
+}
+
+template <typename T, int D, int DV>
+cudaError_t launch(const LightningDecodeArgs& a) {
+  constexpr int COLS = DV < 64 ? DV : 64;
+  constexpr int THREADS = 128;
+  const dim3 grid(static_cast<unsigned>(a.batch * a.num_heads), DV / COLS);
+  lightning_decode_kernel<T, D, DV, COLS, THREADS>
+      <<<grid, THREADS, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t dispatch_dims(const LightningDecodeArgs& a) {
+  if (a.head_dim == 128 && a.value_dim == 128) return launch<T, 128, 128>(a);
+  if (a.head_dim == 64 && a.value_dim == 64) return launch<T, 64, 64>(a);
+  if (a.head_dim == 128 && a.value_dim == 64) return launch<T, 128, 64>(a);
+  if (a.head_dim == 64 && a.value_dim == 128) return launch<T, 64, 128>(a);
+  throw std::invalid_argument("lightning_decode: head_dim and value_dim must be 64 or 128");
+}
+
+}  // namespace
+
+void lightning_decode(const LightningDecodeArgs& a) {
+  if (a.batch == 0) return;
+  cudaError_t err;
+  switch (static_cast<DType>(a.dtype)) {
+    case DType::kFloat32: err = dispatch_dims<float>(a); break;
+    case DType::kFloat16: err = dispatch_dims<__half>(a); break;
+    case DType::kBFloat16: err = dispatch_dims<__nv_bfloat16>(a); break;
+    default: throw std::invalid_argument("lightning_decode: unsupported dtype code");
+  }
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("lightning_decode: CUDA launch failed: ") + cudaGetErrorString(err));
+  }
+}
+
+}  // namespace m1

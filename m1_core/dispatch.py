@@ -1,0 +1,74 @@
+"""Backend selection (DESIGN.md §2): explicit `backend=` > `M1_OPS_BACKEND` > fastest verified here.
+
+Every public op has up to three backends with one signature: "cuda" (csrc extension), "triton" and
+"torch" (plain PyTorch, runs anywhere). A backend that is asked for and cannot run raises; nothing
+falls back silently.
+"""
+
+import functools
+import os
+
+import torch
+
+from .extension import cuda_extension_error
+
+BACKENDS = ("cuda", "triton", "torch")
+ENV_VAR = "M1_OPS_BACKEND"
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    return None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backend_error(backend: str, device: torch.device) -> str | None:
+    """Why `backend` cannot run on `device` (None when it can)."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        why = _triton_import_error()
+        if why is None and device.type != "cuda" and not (device.type == "cpu" and triton_interpreted()):
+            why = f"the Triton backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
+        return why
+    if backend == "cuda":
+        return cuda_extension_error(device)
+    return f"unknown backend {backend!r}; choose one of {BACKENDS}"
+
+
+def available_backends(implemented, device: torch.device) -> list[str]:
+    return [b for b in implemented if backend_error(b, device) is None]
+
+
+def resolve_backend(op: str, requested: str | None, implemented, device: torch.device) -> str:
+    """Pick the backend for one call of `op`.
+
+    `implemented` lists the backends that `op` has, fastest first as measured on Hopper (see
+    bench/results); the default is the first of them that can run on `device`. CPU tensors default to
+    "torch" (the Triton interpreter is for tests, not for speed).
+    """
+    source = "backend="
+    if requested is None:
+        requested, source = os.environ.get(ENV_VAR) or None, ENV_VAR + "="
+    if requested is None:
+        if device.type != "cuda":
+            return "torch"
+        for backend in implemented:
+            if backend_error(backend, device) is None:
+                return backend
+        raise RuntimeError(f"{op}: no backend can run on {device}")  # unreachable: torch always can
+    if requested not in BACKENDS:
+        raise ValueError(f"{op}: {source}{requested!r} is not a backend; choose one of {BACKENDS}")
+    if requested not in implemented:
+        raise ValueError(f"{op}: {source}{requested!r} is not implemented for this op (it has {list(implemented)})")
+    why = backend_error(requested, device)
+    if why is not None:
+        raise RuntimeError(f"{op}: {source}{requested!r} is unavailable: {why}")
+    return requested

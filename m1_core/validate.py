@@ -1,0 +1,31 @@
+"""Input checks shared by the public ops: each raises TypeError/ValueError naming the argument."""
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(name, t, *, ndim=None, dtypes=None, device=None, unit_last_stride=False, contiguous=False):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
+    if unit_last_stride and t.numel() and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride in its last dimension, got strides {t.stride()}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
+
+
+def check_shape(name, t, expected, what=""):
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}{what}, got {tuple(t.shape)}")
+
+
+def capturing(device: torch.device) -> bool:
+    """True while a CUDA graph is being captured: value checks that read device memory must not run."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
