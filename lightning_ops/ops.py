@@ -4,8 +4,10 @@ Semantics (DESIGN.md §3), per head h with rate s_h > 0 and state S [D, Dv] in f
 
     S_t = exp(-s_h) S_{t-1} + k_t^T v_t          o_t = scale * q_t S_t
 
-Each backend module (torch_backend, triton_backend, cuda_backend) provides the same functions:
-`lightning_fwd`, `lightning_bwd`, `lightning_decode`, taking already-validated tensors.
+Each backend module provides the same functions on already-validated tensors: `lightning_fwd`,
+`lightning_decode` and, for the kernel backends (triton_backend, cuda_backend), `lightning_bwd`. Kernel
+backends run inside torch.library custom ops (fake tensors, autograd, opcheck); the torch backend is
+plain differentiable PyTorch and is called directly.
 """
 
 import importlib
@@ -16,16 +18,18 @@ import torch
 from m1_core.dispatch import resolve_backend
 from m1_core.validate import FLOAT_DTYPES, capturing, check_shape, check_tensor
 
+from . import torch_backend
+
 # Backends per op, fastest first as measured on Hopper (bench/results).
 ATTN_BACKENDS = ("torch",)
 DECODE_BACKENDS = ("cuda", "torch")
 
-_MODULES = {"torch": "lightning_ops.torch_backend", "cuda": "lightning_ops.cuda_backend",
-            "triton": "lightning_ops.triton_backend"}
+_KERNEL_MODULES = {"cuda": "lightning_ops.cuda_backend", "triton": "lightning_ops.triton_backend"}
 
 
 def _impl(backend: str):
-    return importlib.import_module(_MODULES[backend])
+    """A kernel backend's module, imported on first use (only inside the custom ops, never traced)."""
+    return importlib.import_module(_KERNEL_MODULES[backend])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -157,7 +161,12 @@ def lightning_attn(q, k, v, slope, *, scale=1.0, initial_state=None, output_fina
     if not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a Python number, got {type(scale).__name__}")
     backend = resolve_backend("lightning_attn", backend, ATTN_BACKENDS, q.device)
-    o, final = _attn_fwd(q, k, v, slope, initial_state, cu_seqlens, float(scale), backend)
+    if backend == "torch":
+        if cu_seqlens is not None:
+            _check_cu_seqlens_values(cu_seqlens, T)
+        o, final = torch_backend.lightning_fwd(q, k, v, slope, initial_state, cu_seqlens, float(scale))
+    else:
+        o, final = _attn_fwd(q, k, v, slope, initial_state, cu_seqlens, float(scale), backend)
     return o, (final if output_final_state else None)
 
 
@@ -194,4 +203,6 @@ def lightning_attn_decode(q, k, v, slope, state, *, slot_idx=None, scale=1.0, ba
     if not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a Python number, got {type(scale).__name__}")
     backend = resolve_backend("lightning_attn_decode", backend, DECODE_BACKENDS, q.device)
+    if backend == "torch":
+        return torch_backend.lightning_decode(q, k, v, slope, state, slot_idx, float(scale))
     return _decode(q, k, v, slope, state, slot_idx, float(scale), backend)

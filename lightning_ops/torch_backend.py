@@ -1,5 +1,8 @@
 """The "torch" backend: lightning attention in vectorised PyTorch (runs anywhere; the CPU path).
 
+Plain differentiable PyTorch: autograd and torch.compile trace straight through it, so unlike the
+kernel backends it needs no torch.library op or hand-written backward.
+
 Chunked form, all chunks at once: intra-chunk masked attention and per-chunk key-value sums are
 batched matmuls over every chunk; only the carry of the state from chunk to chunk is a loop (T / C
 steps of one small multiply-add). Arithmetic is float32 whatever the input dtype.
@@ -61,23 +64,6 @@ def lightning_fwd(q, k, v, slope, initial_state, cu_seqlens, scale):
     H, D, Dv = q.shape[2], q.shape[3], v.shape[3]
     final = torch.cat(finals) if finals else q.new_zeros(0, H, D, Dv, dtype=torch.float32)
     return o, final
-
-
-def lightning_bwd(do, dfinal, q, k, v, slope, initial_state, cu_seqlens, scale):
-    """Gradients by recomputing the forward under autograd (the torch backend favours clarity)."""
-    with torch.enable_grad():
-        inputs = [x.detach().requires_grad_() for x in (q, k, v)]
-        h0 = None if initial_state is None else initial_state.detach().requires_grad_()
-        o, final = lightning_fwd(*inputs, slope, h0, cu_seqlens, scale)
-        outputs, grads = [o], [do]
-        if dfinal is not None:
-            outputs.append(final)
-            grads.append(dfinal)
-        wrt = inputs + ([h0] if h0 is not None else [])
-        result = torch.autograd.grad(outputs, wrt, grads, allow_unused=True)
-    result = [torch.zeros_like(x) if g is None else g for g, x in zip(result, wrt)]
-    dh0 = result[3] if h0 is not None else None
-    return result[0], result[1], result[2], dh0
 
 
 def lightning_decode(q, k, v, slope, state, slot_idx, scale):

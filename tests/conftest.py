@@ -1,0 +1,43 @@
+"""Test harness: Triton interpreter on CPU machines, hypothesis profiles, the `gpu` marker.
+
+- Without CUDA, TRITON_INTERPRET=1 is set before anything imports triton, so Triton kernels run on
+  CPU tensors (small shapes).
+- `@pytest.mark.gpu` tests skip without CUDA; with M1_REQUIRE_GPU=1 a missing GPU fails the whole run,
+  so a GPU run cannot silently skip.
+- Hypothesis profiles: `ci` (CPU, few examples) and `gpu` (more examples, real shapes allowed);
+  chosen by HYPOTHESIS_PROFILE, default `gpu` when CUDA is visible, else `ci`. Deadlines are off:
+  the first call of a kernel compiles it.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("gpu", max_examples=40, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if torch.cuda.is_available() else "ci"))
+
+REQUIRE_GPU = os.environ.get("M1_REQUIRE_GPU", "0") == "1"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one unless M1_REQUIRE_GPU=1)")
+    if REQUIRE_GPU and not torch.cuda.is_available():
+        raise pytest.UsageError("M1_REQUIRE_GPU=1 but torch sees no CUDA GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,342 @@
+"""lightning_attn and lightning_attn_decode, every backend, against the float64 references.
+
+Each test runs once per backend that the op implements: "torch" everywhere, "triton" on the GPU and
+under the Triton interpreter on the CPU, "cuda" on the GPU only.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import lightning_ops
+from lightning_ops import ops
+from m1_core.dispatch import backend_error
+from numerics import DEVICE, assert_within_2x, nan_filled_outputs
+from reference import lightning as RL
+
+ON_GPU = DEVICE.type == "cuda"
+# Long sequences only where they are cheap: the interpreter runs Triton kernels element by element.
+T_VALUES = [1, 63, 64, 65, 200, 257, 1000] if ON_GPU else [1, 15, 16, 17, 63, 64, 65, 130]
+
+
+def _backend_param(name, implemented):
+    marks = [pytest.mark.gpu] if name == "cuda" else []
+    return pytest.param(name, marks=marks, id=name)
+
+
+def _use(backend, implemented):
+    if backend not in implemented:
+        pytest.skip(f"{backend} backend not implemented for this op")
+    why = backend_error(backend, DEVICE)
+    if why:
+        pytest.skip(why)
+    return backend
+
+
+ATTN = [_backend_param(b, ops.ATTN_BACKENDS) for b in ("torch", "triton", "cuda")]
+DECODE = [_backend_param(b, ops.DECODE_BACKENDS) for b in ("torch", "triton", "cuda")]
+# The torch backend is plain PyTorch, not a torch.library op: opcheck applies to the kernel backends.
+ATTN_KERNELS, DECODE_KERNELS = ATTN[1:], DECODE[1:]
+
+
+def head_dims(backend):
+    return [8, 64] if backend == "torch" else ([64, 128] if ON_GPU else [64])
+
+
+def make_inputs(B, T, H, D, Dv, dtype, seed, layer=0, num_layers=80, with_h0=True, N=None):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, T, H, D, dtype=torch.float64, generator=g) / math.sqrt(D) for _ in range(2))
+    v = torch.randn(B, T, H, Dv, dtype=torch.float64, generator=g)
+    h0 = torch.randn(N or B, H, D, Dv, dtype=torch.float64, generator=g) if with_h0 else None
+    slope = RL.slopes(H, layer, num_layers)
+    to = dict(device=DEVICE)
+    return (q.to(dtype=dtype, **to), k.to(dtype=dtype, **to), v.to(dtype=dtype, **to),
+            slope.to(dtype=torch.float32, **to), None if h0 is None else h0.to(dtype=torch.float32, **to))
+
+
+def reference(q, k, v, slope, h0, scale=1.0, dtype=torch.float64, cu_seqlens=None):
+    """The quadratic reference in `dtype` on the CPU (float64: the truth; low precision: the baseline)."""
+    args = [x.cpu().to(dtype) for x in (q, k, v)] + [slope.cpu().double()]
+    h0 = None if h0 is None else h0.cpu().to(dtype)
+    if cu_seqlens is None:
+        return RL.lightning_attn_quadratic(*args, scale=scale, initial_state=h0)
+    return RL.lightning_attn_varlen(RL.lightning_attn_quadratic, *args, cu_seqlens.cpu(), scale=scale,
+                                    initial_state=h0)
+
+
+@pytest.mark.parametrize("backend", ATTN)
+@given(data=st.data())
+def test_forward_matches_reference(backend, data):
+    _use(backend, ops.ATTN_BACKENDS)
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU or backend == "torch" else [])
+    B = data.draw(st.integers(1, 2))
+    T = data.draw(st.sampled_from(T_VALUES))
+    H = data.draw(st.integers(1, 3))
+    D = data.draw(st.sampled_from(head_dims(backend)))
+    Dv = data.draw(st.sampled_from(head_dims(backend)))
+    dtype = data.draw(st.sampled_from(dtypes))
+    layer = data.draw(st.sampled_from([0, 40, 78]))
+    with_h0 = data.draw(st.booleans())
+    scale = data.draw(st.sampled_from([1.0, 0.25]))
+    q, k, v, slope, h0 = make_inputs(B, T, H, D, Dv, dtype, data.draw(st.integers(0, 2**16)), layer,
+                                     with_h0=with_h0)
+    with nan_filled_outputs():
+        o, final = lightning_ops.lightning_attn(q, k, v, slope, scale=scale, initial_state=h0,
+                                                output_final_state=True, backend=backend)
+    assert o.dtype == dtype and final.dtype == torch.float32
+    o64, s64 = reference(q, k, v, slope, h0, scale)
+    o_pt, s_pt = reference(q, k, v, slope, h0, scale, dtype=dtype if dtype != torch.float16 else torch.float32)
+    assert_within_2x("o", o.cpu(), o64, o_pt.to(dtype))
+    assert_within_2x("final_state", final.cpu(), s64, s_pt.float())
+
+
+@pytest.mark.parametrize("backend", ATTN)
+@given(T=st.sampled_from(T_VALUES), with_h0=st.booleans(), seed=st.integers(0, 2**16))
+def test_gradients_match_reference(backend, T, with_h0, seed):
+    _use(backend, ops.ATTN_BACKENDS)
+    D = head_dims(backend)[-1]
+    q, k, v, slope, h0 = make_inputs(1, T, 2, D, D, torch.float32, seed, layer=78, with_h0=with_h0)
+    g = torch.Generator().manual_seed(seed + 1)
+    do = torch.randn(q.shape[:-1] + (D,), dtype=torch.float64, generator=g)
+    dfinal = torch.randn(1, 2, D, D, dtype=torch.float64, generator=g)
+
+    def grads(fn, tensors, cast):
+        leaves = [x.detach().to(cast).requires_grad_() for x in tensors]
+        o, final = fn(*leaves)
+        torch.autograd.backward([o, final], [do.to(o), dfinal.to(final)])
+        return [x.grad for x in leaves]
+
+    tensors = [q, k, v] + ([h0] if with_h0 else [])
+
+    def ours(q_, k_, v_, h0_=None):
+        with nan_filled_outputs():
+            return lightning_ops.lightning_attn(q_, k_, v_, slope, initial_state=h0_, output_final_state=True,
+                                                backend=backend)
+
+    def ref(q_, k_, v_, h0_=None):
+        return RL.lightning_attn_recurrent(q_, k_, v_, slope.cpu().to(q_.dtype), initial_state=h0_)
+
+    got = grads(ours, tensors, torch.float32)
+    truth = grads(ref, [x.cpu() for x in tensors], torch.float64)
+    base = grads(ref, [x.cpu() for x in tensors], torch.float32)
+    for name, a, t, b in zip(["dq", "dk", "dv", "dh0"], got, truth, base):
+        assert_within_2x(name, a.cpu(), t, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ATTN)
+def test_varlen_equals_separate_calls(backend):
+    _use(backend, ops.ATTN_BACKENDS)
+    D = head_dims(backend)[-1]
+    lengths = [0, 1, 17, 64, 5] if not ON_GPU else [0, 1, 300, 64, 1000, 7]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=DEVICE)
+    total = int(cu[-1])
+    q, k, v, slope, h0 = make_inputs(1, total, 2, D, D, torch.float32, 3, layer=10, N=len(lengths))
+    with nan_filled_outputs():
+        o, final = lightning_ops.lightning_attn(q, k, v, slope, initial_state=h0, output_final_state=True,
+                                                cu_seqlens=cu, backend=backend)
+    for n, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        o_n, f_n = lightning_ops.lightning_attn(q[:, a:b], k[:, a:b], v[:, a:b], slope,
+                                                initial_state=h0[n:n + 1].contiguous(), output_final_state=True,
+                                                backend=backend)
+        torch.testing.assert_close(o[:, a:b], o_n, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(final[n:n + 1], f_n, rtol=1e-4, atol=1e-5)
+    o64, s64 = reference(q, k, v, slope, h0, cu_seqlens=cu)
+    o32, s32 = reference(q, k, v, slope, h0, dtype=torch.float32, cu_seqlens=cu)
+    assert_within_2x("o", o.cpu(), o64, o32)
+    assert_within_2x("final", final.cpu(), s64, s32)
+
+
+@pytest.mark.parametrize("backend", ATTN)
+@given(T1=st.sampled_from(T_VALUES), T2=st.sampled_from(T_VALUES), seed=st.integers(0, 2**16))
+def test_prefill_continues_from_state(backend, T1, T2, seed):
+    _use(backend, ops.ATTN_BACKENDS)
+    D = head_dims(backend)[-1]
+    q, k, v, slope, h0 = make_inputs(2, T1 + T2, 2, D, D, torch.float32, seed, layer=78)
+    o, final = lightning_ops.lightning_attn(q, k, v, slope, initial_state=h0, output_final_state=True,
+                                            backend=backend)
+    o1, s1 = lightning_ops.lightning_attn(q[:, :T1], k[:, :T1], v[:, :T1], slope, initial_state=h0,
+                                          output_final_state=True, backend=backend)
+    o2, s2 = lightning_ops.lightning_attn(q[:, T1:], k[:, T1:], v[:, T1:], slope, initial_state=s1,
+                                          output_final_state=True, backend=backend)
+    torch.testing.assert_close(torch.cat([o1, o2], dim=1), o, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s2, final, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", DECODE)
+@given(B=st.integers(1, 6), D=st.sampled_from([64, 128]), Dv=st.sampled_from([64, 128]),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_decode_matches_reference(backend, B, D, Dv, dtype, seed):
+    _use(backend, ops.DECODE_BACKENDS)
+    g = torch.Generator().manual_seed(seed)
+    H, S = 3, 8
+    q, k, v = (torch.randn(B, H, d, generator=g, dtype=torch.float64) for d in (D, D, Dv))
+    state = torch.randn(S, H, D, Dv, generator=g, dtype=torch.float64)
+    slots = torch.randperm(S, generator=g)[:B].to(torch.int32)
+    slots[torch.rand(B, generator=g) < 0.3] = -1                       # padding rows
+    slope = RL.slopes(H, 78, 80)
+    o64, s64 = RL.lightning_decode_step(q, k, v, slope, state, slots, scale=0.5)
+    lo = [x.to(dtype) for x in (q, k, v)]
+    o_pt, s_pt = RL.lightning_decode_step(*[x.to(torch.float32 if dtype == torch.float16 else dtype) for x in lo],
+                                       slope, state.float(), slots, scale=0.5)
+    st_dev = state.float().to(DEVICE)
+    with nan_filled_outputs():
+        o = lightning_ops.lightning_attn_decode(*[x.to(DEVICE) for x in lo], slope.float().to(DEVICE), st_dev,
+                                                slot_idx=slots.to(DEVICE), scale=0.5, backend=backend)
+    assert o.dtype == dtype
+    assert_within_2x("o", o.cpu(), o64, o_pt.to(dtype))
+    assert_within_2x("state", st_dev.cpu(), s64, s_pt, atol=1e-5)
+    assert (o.cpu()[slots < 0] == 0).all()
+
+
+@pytest.mark.parametrize("backend", DECODE)
+def test_token_by_token_decode_equals_prefill(backend):
+    _use(backend, ops.DECODE_BACKENDS)
+    T, B, H, D = 20, 2, 2, 64
+    q, k, v, slope, h0 = make_inputs(B, T, H, D, D, torch.float32, 7, layer=0)
+    o_ref, s_ref = lightning_ops.lightning_attn(q, k, v, slope, initial_state=h0, output_final_state=True,
+                                                backend="torch")
+    state = torch.zeros(B + 1, H, D, D, device=DEVICE)
+    state[1:] = h0                                                      # rows live in slots 1 and 2
+    slots = torch.tensor([1, 2], dtype=torch.int32, device=DEVICE)
+    outs = [lightning_ops.lightning_attn_decode(q[:, t], k[:, t], v[:, t], slope, state, slot_idx=slots,
+                                                backend=backend) for t in range(T)]
+    torch.testing.assert_close(torch.stack(outs, dim=1), o_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state[1:], s_ref, rtol=1e-4, atol=1e-4)
+    assert (state[0] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", DECODE)
+def test_decode_captures_in_cuda_graph(backend):
+    _use(backend, ops.DECODE_BACKENDS)
+    B, H, D, S = 4, 8, 128, 6
+    q, k, v = (torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    slope = lightning_ops.slopes(H, 0, 80, device="cuda")
+    slots = torch.tensor([5, -1, 0, 2], dtype=torch.int32, device="cuda")
+    state = torch.randn(S, H, D, D, device="cuda")
+    expect_state = state.clone()
+    expect = lightning_ops.lightning_attn_decode(q, k, v, slope, expect_state, slot_idx=slots, backend="torch")
+    lightning_ops.lightning_attn_decode(q, k, v, slope, state.clone(), slot_idx=slots, backend=backend)  # warm-up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    work = state.clone()
+    with torch.cuda.graph(graph):
+        out = lightning_ops.lightning_attn_decode(q, k, v, slope, work, slot_idx=slots, backend=backend)
+    work.copy_(state)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out.float(), expect.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(work, expect_state, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library integration
+
+@pytest.mark.parametrize("backend", ATTN_KERNELS)
+def test_opcheck_lightning_attn(backend):
+    backend = _use(backend, ops.ATTN_BACKENDS)
+    D = head_dims(backend)[-1]
+    q, k, v, slope, h0 = make_inputs(1, 33, 2, D, D, torch.float32, 0)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    cu = torch.tensor([0, 10, 33], dtype=torch.int32, device=DEVICE)
+    h0_2 = h0.repeat(2, 1, 1, 1).contiguous()
+    torch.library.opcheck(ops._attn_fwd, (q, k, v, slope, h0, None, 1.0, backend))
+    torch.library.opcheck(ops._attn_fwd, (q, k, v, slope, h0_2, cu, 0.5, backend))
+    torch.library.opcheck(ops._attn_fwd, (q, k, v, slope, None, None, 1.0, backend))
+
+
+@pytest.mark.parametrize("backend", DECODE_KERNELS)
+def test_opcheck_decode(backend):
+    backend = _use(backend, ops.DECODE_BACKENDS)
+    q, k, v = (torch.randn(3, 2, 64, device=DEVICE) for _ in range(3))
+    state = torch.randn(4, 2, 64, 64, device=DEVICE)
+    slots = torch.tensor([2, -1, 0], dtype=torch.int32, device=DEVICE)
+    slope = lightning_ops.slopes(2, 0, 80, device=DEVICE)
+    torch.library.opcheck(ops._decode, (q, k, v, slope, state, slots, 1.0, backend))
+
+
+@pytest.mark.parametrize("backend", ATTN)
+def test_torch_compile(backend):
+    backend = _use(backend, ops.ATTN_BACKENDS)
+    D = head_dims(backend)[-1]
+    q, k, v, slope, h0 = make_inputs(1, 40, 2, D, D, torch.float32, 1)
+
+    def f(q, k, v, h0):
+        o, s = lightning_ops.lightning_attn(q, k, v, slope, initial_state=h0, output_final_state=True,
+                                            backend=backend)
+        return o.sum() + s.sum()
+
+    q.requires_grad_()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if DEVICE.type == "cpu" else "inductor")
+    (g_c,) = torch.autograd.grad(compiled(q, k, v, h0), q)
+    (g_e,) = torch.autograd.grad(f(q, k, v, h0), q)
+    torch.testing.assert_close(g_c, g_e)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input is rejected with errors that name the argument
+
+def _good(T=8, D=64):
+    return make_inputs(1, T, 2, D, D, torch.float32, 0)
+
+
+@pytest.mark.parametrize("mutate, error, match", [
+    (lambda a: a.update(q=a["q"].double()), TypeError, "q must have dtype"),
+    (lambda a: a.update(k=a["k"].half()), TypeError, "k must have dtype"),
+    (lambda a: a.update(q=a["q"][0]), ValueError, "q must be 4-D"),
+    (lambda a: a.update(k=a["k"][:, :, :1]), ValueError, "k must have shape"),
+    (lambda a: a.update(v=a["v"][:, :4]), ValueError, "v must match q"),
+    (lambda a: a.update(q=a["q"].transpose(2, 3).contiguous().transpose(2, 3)), ValueError, "unit stride"),
+    (lambda a: a.update(slope=a["slope"][:1]), ValueError, "slope must have shape"),
+    (lambda a: a.update(slope=a["slope"].double()), TypeError, "slope must have dtype"),
+    (lambda a: a.update(initial_state=a["initial_state"][:, :1].contiguous()), ValueError, "initial_state"),
+    (lambda a: a.update(initial_state=a["initial_state"].half()), TypeError, "initial_state must have dtype"),
+    (lambda a: a.update(cu_seqlens=torch.tensor([0, 5, 3, 8], dtype=torch.int32)), ValueError, "non-decreasing|initial_state"),
+    (lambda a: a.update(cu_seqlens=torch.tensor([0, 5, 8.0])), TypeError, "cu_seqlens must have dtype"),
+    (lambda a: a.update(backend="fortran"), ValueError, "not a backend"),
+    (lambda a: a.update(scale="1"), TypeError, "scale"),
+])
+def test_bad_input_rejected(mutate, error, match):
+    q, k, v, slope, h0 = (x.cpu() for x in _good())
+    args = dict(q=q, k=k, v=v, slope=slope, initial_state=h0, backend="torch")
+    mutate(args)
+    with pytest.raises(error, match=match):
+        lightning_ops.lightning_attn(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("slope"), **args)
+
+
+def test_unsorted_cu_seqlens_rejected():
+    q, k, v, slope, _ = (None if x is None else x.cpu() for x in _good())
+    with pytest.raises(ValueError, match="non-decreasing"):
+        lightning_ops.lightning_attn(q, k, v, slope, cu_seqlens=torch.tensor([0, 6, 3, 8]), backend="torch")
+    with pytest.raises(ValueError, match="end at the packed length"):
+        lightning_ops.lightning_attn(q, k, v, slope, cu_seqlens=torch.tensor([0, 3, 7]), backend="torch")
+
+
+def test_decode_bad_input_rejected():
+    q, k, v = (torch.randn(2, 2, 64) for _ in range(3))
+    slope = lightning_ops.slopes(2, 0, 80)
+    state = torch.zeros(3, 2, 64, 64)
+    with pytest.raises(ValueError, match="slot_idx holds slot 3"):
+        lightning_ops.lightning_attn_decode(q, k, v, slope, state, slot_idx=torch.tensor([0, 3], dtype=torch.int32))
+    with pytest.raises(TypeError, match="slot_idx must have dtype"):
+        lightning_ops.lightning_attn_decode(q, k, v, slope, state, slot_idx=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="state must have shape"):
+        lightning_ops.lightning_attn_decode(q, k, v, slope, state[:, :, :32].contiguous())
+    with pytest.raises(ValueError, match="state must be contiguous"):
+        lightning_ops.lightning_attn_decode(q, k, v, slope, state.transpose(2, 3))
+    with pytest.raises(TypeError, match="state must have dtype"):
+        lightning_ops.lightning_attn_decode(q, k, v, slope, state.half())
+    with pytest.raises(ValueError, match="2 slots for a batch of 2|slots for a batch"):
+        lightning_ops.lightning_attn_decode(q, k, v, slope, state[:1])
+
+
+def test_cuda_backend_unavailable_raises_clearly(monkeypatch):
+    q, k, v = (torch.randn(1, 2, 64) for _ in range(3))
+    with pytest.raises(RuntimeError, match="'cuda' is unavailable"):
+        lightning_ops.lightning_attn_decode(q, k, v, lightning_ops.slopes(2, 0, 80), torch.zeros(1, 2, 64, 64),
+                                            backend="cuda")
+    monkeypatch.setenv("M1_OPS_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="M1_OPS_BACKEND='cuda' is unavailable"):
+        lightning_ops.lightning_attn_decode(q, k, v, lightning_ops.slopes(2, 0, 80), torch.zeros(1, 2, 64, 64))
