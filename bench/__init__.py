@@ -1,0 +1,4 @@
+"""Micro-benchmarks of the ops against their peers; `python -m bench` prints the report."""
+
+# Modules that define `cases(device) -> list[Case]`; each area adds its own.
+CASE_MODULES = ["bench.cases_lightning"]

@@ -1,0 +1,59 @@
+"""`python -m bench`: measure the ceilings, time every case, print one table, write JSON and plots.
+
+On a machine without a GPU it runs small shapes on the CPU paths (and says so); its figures are no
+statement about GPU speed.
+"""
+
+import argparse
+import importlib
+import os
+import sys
+
+import torch
+
+from . import CASE_MODULES
+from .harness import device_name, format_table, measure_ceilings, plot, run_case, write_json
+
+
+def collect_cases(device, only=None):
+    cases = []
+    for name in CASE_MODULES:
+        cases += importlib.import_module(name).cases(device)
+    if only:
+        cases = [c for c in cases if any(o in f"{c.group} {c.name}" for o in only)]
+    return cases
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--only", action="append", help="run cases whose 'group name' contains this (repeatable)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
+                        help="folder for <device>.json and plots (default bench/results)")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        print("No CUDA GPU: running small shapes on the CPU paths (torch backend). "
+              "These timings say nothing about GPU speed.\n", flush=True)
+    ceilings = measure_ceilings(device)
+    if ceilings.get("copy_GBps"):
+        print(f"device {device_name(device)}: copy bandwidth {ceilings['copy_GBps']:.0f} GB/s, "
+              f"dense bf16 matmul {ceilings['matmul_TFLOPs']:.0f} TFLOP/s (measured now)\n", flush=True)
+    rows = []
+    for case in collect_cases(device, args.only):
+        print(f"  {case.group}: {case.name}", file=sys.stderr, flush=True)
+        rows += run_case(case, device, ceilings)
+    print(format_table(rows))
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, device_name(device))
+    write_json(stem + ".json", rows, ceilings, device)
+    print(f"\nwrote {stem}.json")
+    if not args.no_plots:
+        for path in plot(rows, stem):
+            print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

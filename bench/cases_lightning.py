@@ -1,0 +1,95 @@
+"""Lightning attention cases: prefill (forward, forward+backward) and decode at M1 shapes.
+
+Peers: flash-linear-attention (`chunk_simple_gla` with g_gamma = -slope, scale 1.0, for prefill;
+`fused_recurrent_simple_gla` for decode), when importable, and our torch backend.
+"""
+
+import torch
+
+import lightning_ops
+from lightning_ops import ops
+
+from .harness import Case
+
+
+def _fla():
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
+    except Exception:  # fla is an optional peer (and needs a GPU)
+        return None
+    return chunk_simple_gla, fused_recurrent_simple_gla
+
+
+def _our_backends(implemented, device):
+    from m1_core.dispatch import available_backends
+    return available_backends(implemented, device)
+
+
+def prefill_cases(device, B, H, D, T, dtype, backward=False, layer=0, torch_peer=True):
+    mode = "fwd+bwd" if backward else "fwd"
+    name = f"{mode} B{B} H{H} D{D} T{T} {str(dtype).removeprefix('torch.')}"
+    slope = lightning_ops.slopes(H, layer, 80, device=device)
+
+    def make():
+        q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dtype) * D ** -0.5 for _ in range(3))
+        do = torch.randn_like(v) if backward else None
+        return q.requires_grad_(backward), k.requires_grad_(backward), v.requires_grad_(backward), do
+
+    def run(fn):
+        def call(inputs):
+            q, k, v, do = inputs
+            o = fn(q, k, v)
+            if backward:
+                torch.autograd.grad(o, (q, k, v), do)
+        return call
+
+    impls = {}
+    for backend in _our_backends(ops.ATTN_BACKENDS, device):
+        if backend == "torch" and not torch_peer:
+            continue
+        label = f"ours[{backend}]" if backend != "torch" or device.type == "cpu" else "torch (fp32 blockwise)"
+        impls[label] = run(lambda q, k, v, b=backend: lightning_ops.lightning_attn(q, k, v, slope, backend=b)[0])
+    fla = _fla() if device.type == "cuda" else None
+    if fla is not None:
+        chunk = fla[0]
+        impls["fla chunk"] = run(lambda q, k, v: chunk(q, k, v, g_gamma=-slope, scale=1.0)[0])
+    elem = torch.finfo(dtype).bits // 8
+    io = B * T * H * 4 * D * elem                        # q, k, v read; o written
+    return Case("lightning prefill", name, make, impls, bytes=io * (3 if backward else 1),
+                params=dict(B=B, H=H, D=D, T=T, dtype=str(dtype), backward=backward))
+
+
+def decode_case(device, B, H, D, dtype=torch.bfloat16):
+    slope = lightning_ops.slopes(H, 0, 80, device=device)
+
+    def make():
+        q, k, v = (torch.randn(B, H, D, device=device, dtype=dtype) for _ in range(3))
+        state = torch.randn(B, H, D, D, device=device) * 0.1
+        slots = torch.arange(B, dtype=torch.int32, device=device)
+        return q, k, v, state, slots
+
+    impls = {}
+    for backend in _our_backends(ops.DECODE_BACKENDS, device):
+        label = f"ours[{backend}]" if backend != "torch" or device.type == "cpu" else "torch"
+        impls[label] = (lambda x, b=backend: lightning_ops.lightning_attn_decode(
+            x[0], x[1], x[2], slope, x[3], slot_idx=x[4], backend=b))
+    fla = _fla() if device.type == "cuda" else None
+    if fla is not None:
+        recurrent = fla[1]
+        impls["fla fused_recurrent"] = lambda x: recurrent(
+            x[0][:, None], x[1][:, None], x[2][:, None], g_gamma=-slope, scale=1.0, initial_state=x[3],
+            output_final_state=True)
+    state_bytes = 2 * B * H * D * D * 4                  # fp32 state read once and written once
+    return Case("lightning decode", f"decode B{B} H{H} D{D} fp32 state", make, impls, bytes=state_bytes,
+                params=dict(B=B, H=H, D=D))
+
+
+def cases(device):
+    if device.type != "cuda":
+        return [prefill_cases(device, 1, 4, 64, 512, torch.float32),
+                prefill_cases(device, 1, 4, 64, 512, torch.float32, backward=True),
+                decode_case(device, 8, 4, 64, torch.float32)]
+    out = [prefill_cases(device, 1, 64, 128, T, torch.bfloat16, torch_peer=T <= 32768) for T in (8192, 32768)]
+    out += [prefill_cases(device, 1, 64, 128, T, torch.bfloat16, backward=True, torch_peer=False) for T in (8192, 32768)]
+    out += [decode_case(device, B, H, 128) for H in (64, 8) for B in (16, 64, 128, 256)]
+    return out

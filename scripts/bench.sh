@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The main job: install what is needed, then `python -m bench` (arguments go to it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+exec .venv/bin/python -m bench "$@"

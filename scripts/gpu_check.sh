@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# GPU machine check (no network needed): install wheels from a local folder if given, build the CUDA
+# extension, run the `gpu` test suite demanding a GPU, run the benchmarks, and copy logs and JSON to
+# OUTDIR.
+#
+#   bash scripts/gpu_check.sh OUTDIR [WHEEL_DIR]
+#
+# Environment: PYTEST_ARGS (default: the whole suite), BENCH_ARGS (e.g. "--only decode"),
+# SKIP_TESTS=1 / SKIP_BENCH=1 to run one half.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUTDIR=${1:?usage: gpu_check.sh OUTDIR [WHEEL_DIR]}
+WHEELS=${2:-}
+mkdir -p "$OUTDIR"
+LOG="$OUTDIR/gpu_check.log"
+export PYTHONUNBUFFERED=1
+status=0
+
+if [ -n "$WHEELS" ]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/m1-site "$WHEELS"/*.whl || exit 1
+  export PYTHONPATH=/tmp/m1-site:${PYTHONPATH:-}
+fi
+{
+  echo "== $(date -u) on $(hostname)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  echo "== build"
+  time python3 -m pip install --no-build-isolation --no-deps -e . 2>&1 | grep -vE "^\s*$" | tail -5
+} 2>&1 | tee "$LOG"
+python3 -c "import m1_core._cuda as e; print('extension archs', e.compiled_archs, 'devices', e.device_count())" \
+  2>&1 | tee -a "$LOG" || exit 1
+
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  echo "== tests (M1_REQUIRE_GPU=1)" | tee -a "$LOG"
+  M1_REQUIRE_GPU=1 HYPOTHESIS_PROFILE=gpu python3 -m pytest tests -q -p no:cacheprovider -rfE \
+    ${PYTEST_ARGS:-} 2>&1 | tee -a "$LOG"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  echo "== bench" | tee -a "$LOG"
+  python3 -m bench --out "$OUTDIR/bench" ${BENCH_ARGS:-} 2>&1 | tee -a "$LOG"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  # The device tool returns few files: pack the plots, keep the JSON loose.
+  (cd "$OUTDIR/bench" && ls *.png >/dev/null 2>&1 && tar czf ../plots.tar.gz *.png && rm -f *.png)
+fi
+exit $status
