@@ -38,6 +38,9 @@ class Case:
     flops: float | None = None
     max_sets: int = 4
     params: dict = dataclasses.field(default_factory=dict)
+    # Time replays of a CUDA graph holding one call: how servers run decode-sized kernels, whose eager
+    # time is the Python launch cost rather than the kernel.
+    cuda_graph: bool = False
 
 
 def _tensor_bytes(obj) -> int:
@@ -57,16 +60,33 @@ def make_input_sets(case: Case) -> list:
     return sets
 
 
-def time_fn(fn, sets, device, warmup=3, reps=None, budget_s=1.0) -> dict:
+def _graphed(fn, sets):
+    """One CUDA graph per input set, each holding one call of fn (warmed up outside the capture)."""
+    graphs = []
+    for inputs in sets:
+        fn(inputs)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn(inputs)
+        graphs.append(graph)
+    return lambda i: graphs[i].replay(), [None] * len(graphs)
+
+
+def time_fn(fn, sets, device, warmup=3, reps=None, budget_s=1.0, cuda_graph=False) -> dict:
     """Median and spread of per-call times in ms, cycling through the input sets."""
+    if cuda_graph and device.type == "cuda":
+        call, sets = _graphed(fn, sets)
+    else:
+        call = lambda i: fn(sets[i])  # noqa: E731
     for i in range(warmup):
-        fn(sets[i % len(sets)])
+        call(i % len(sets))
     if device.type == "cuda":
         torch.cuda.synchronize()
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         start.record()
-        fn(sets[0])
+        call(0)
         end.record()
         end.synchronize()
         once = max(start.elapsed_time(end), 1e-3)
@@ -74,19 +94,19 @@ def time_fn(fn, sets, device, warmup=3, reps=None, budget_s=1.0) -> dict:
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
         for i, (s, e) in enumerate(events):
             s.record()
-            fn(sets[i % len(sets)])
+            call(i % len(sets))
             e.record()
         torch.cuda.synchronize()
         times = [s.elapsed_time(e) for s, e in events]
     else:
         t0 = time.perf_counter()
-        fn(sets[0])
+        call(0)
         once = max(time.perf_counter() - t0, 1e-6)
         reps = reps or int(min(20, max(3, budget_s / once)))
         times = []
         for i in range(reps):
             t0 = time.perf_counter()
-            fn(sets[i % len(sets)])
+            call(i % len(sets))
             times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return {"median_ms": statistics.median(times), "p10_ms": times[len(times) // 10],
@@ -129,7 +149,7 @@ def run_case(case: Case, device, ceilings) -> list[dict]:
         row = {"group": case.group, "case": case.name, "impl": label, "ours": label.startswith("ours"),
                "params": case.params, "floor_ms": fl, "bound": bound}
         try:
-            row.update(time_fn(fn, sets, device))
+            row.update(time_fn(fn, sets, device, cuda_graph=case.cuda_graph))
         except Exception as exc:  # a peer that cannot run this shape is reported, not fatal
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             rows.append(row)

@@ -35,17 +35,17 @@ PYBIND11_MODULE(_cuda, m) {
       [](uintptr_t q, uintptr_t k, uintptr_t v, int64_t q_sb, int64_t q_sh, int64_t k_sb, int64_t k_sh,
          int64_t v_sb, int64_t v_sh, uintptr_t slope, uintptr_t state, uintptr_t slot_idx, uintptr_t out,
          int64_t batch, int64_t heads, int64_t head_dim, int64_t value_dim, int64_t num_slots, int dtype,
-         double scale, uintptr_t stream) {
+         double scale, uintptr_t stream, int variant) {
         m1::LightningDecodeArgs a{cptr(q), cptr(k), cptr(v), q_sb, q_sh, k_sb, k_sh, v_sb, v_sh,
                                   cptr(slope), mptr(state), cptr(slot_idx), mptr(out),
                                   batch, heads, head_dim, value_dim, num_slots, dtype,
-                                  static_cast<float>(scale), stream};
+                                  static_cast<float>(scale), stream, variant};
         m1::lightning_decode(a);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_stride_b"), py::arg("q_stride_h"),
       py::arg("k_stride_b"), py::arg("k_stride_h"), py::arg("v_stride_b"), py::arg("v_stride_h"),
       py::arg("slope"), py::arg("state"), py::arg("slot_idx"), py::arg("out"), py::arg("batch"),
       py::arg("num_heads"), py::arg("head_dim"), py::arg("value_dim"), py::arg("num_slots"),
-      py::arg("dtype"), py::arg("scale"), py::arg("stream"),
+      py::arg("dtype"), py::arg("scale"), py::arg("stream"), py::arg("variant") = 0,
       "One lightning-attention decode step; updates state in place (see lightning_decode.h).");
 }

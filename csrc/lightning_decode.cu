@@ -49,10 +49,11 @@ __global__ void __launch_bounds__(THREADS) lightning_decode_kernel(LightningDeco
   float4* state = reinterpret_cast<float4*>(static_cast<float*>(a.state) +
                                             (int64_t(slot) * a.num_heads + h) * (int64_t(D) * DV) + col);
 
-  // All state loads first: ROWS independent 16-byte loads in flight per thread.
+  // All state loads first: ROWS independent 16-byte loads in flight per thread (evict-first: each
+  // element is touched once).
   float4 s[ROWS];
 #pragma unroll
-  for (int i = 0; i < ROWS; ++i) s[i] = state[(row_group + i * ROW_GROUPS) * (DV / 4)];
+  for (int i = 0; i < ROWS; ++i) s[i] = __ldcs(&state[(row_group + i * ROW_GROUPS) * (DV / 4)]);
 
   const float decay = __expf(-static_cast<const float*>(a.slope)[h]);
   float vv[4];
@@ -73,7 +74,7 @@ __global__ void __launch_bounds__(THREADS) lightning_decode_kernel(LightningDeco
     acc[1] = fmaf(qi, s[i].y, acc[1]);
     acc[2] = fmaf(qi, s[i].z, acc[2]);
     acc[3] = fmaf(qi, s[i].w, acc[3]);
-    state[row * (DV / 4)] = s[i];
+    __stcs(&state[row * (DV / 4)], s[i]);  // streaming: the state is not re-read by this step
   }
 
   // Sum the partial outputs over row groups: first inside the warp, then across warps.
@@ -101,14 +102,29 @@ __global__ void __launch_bounds__(THREADS) lightning_decode_kernel(LightningDeco
   }
 }
 
-template <typename T, int D, int DV>
+template <typename T, int D, int DV, int COLS, int THREADS>
 cudaError_t launch(const LightningDecodeArgs& a) {
-  constexpr int COLS = DV < 64 ? DV : 64;
-  constexpr int THREADS = 128;
   const dim3 grid(static_cast<unsigned>(a.batch * a.num_heads), DV / COLS);
   lightning_decode_kernel<T, D, DV, COLS, THREADS>
       <<<grid, THREADS, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(a);
   return cudaGetLastError();
+}
+
+// Tiling (state columns per block, threads per block). a.variant > 0 forces one (benchmark sweeps);
+// 0 picks the measured default for the shape.
+template <typename T, int D, int DV>
+cudaError_t launch(const LightningDecodeArgs& a) {
+  if constexpr (D == 128 && DV == 128) {
+    switch (a.variant) {
+      case 1: return launch<T, D, DV, 64, 128>(a);
+      case 2: return launch<T, D, DV, 32, 128>(a);
+      case 3: return launch<T, D, DV, 128, 256>(a);
+      case 4: return launch<T, D, DV, 64, 256>(a);
+      case 5: return launch<T, D, DV, 32, 256>(a);
+      default: break;
+    }
+  }
+  return launch<T, D, DV, (DV < 64 ? DV : 64), 128>(a);
 }
 
 template <typename T>

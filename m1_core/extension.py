@@ -22,13 +22,22 @@ def _load():
 
 
 def cuda_extension_error(device: torch.device | None = None) -> str | None:
-    """Why the CUDA backend cannot run on `device` (None when it can)."""
+    """Why the CUDA backend cannot run on `device` (None when it can). Cached: it is on the hot path."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    elif device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _device_error(device)
+
+
+@functools.cache
+def _device_error(device: torch.device | None) -> str | None:
     ext, why = _load()
     if ext is None:
         return why
     if not torch.cuda.is_available():
         return "the CUDA backend needs a CUDA GPU and none is visible to PyTorch"
-    if device is not None and device.type != "cuda":
+    if device.type != "cuda":
         return f"the CUDA backend needs CUDA tensors, got tensors on {device}"
     major, minor = torch.cuda.get_device_capability(device)
     built = [a.rstrip("a") for a in ext.compiled_archs.split(";")]
