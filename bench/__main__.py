@@ -53,6 +53,12 @@ def main(argv=None):
     if not args.no_plots:
         for path in plot(rows, stem):
             print(f"wrote {path}")
+    # A case module may print a report of its own from the rows: report(rows, device, plot_stem or None).
+    for name in CASE_MODULES:
+        report = getattr(importlib.import_module(name), "report", None)
+        if report is not None:
+            for path in report(rows, device, None if args.no_plots else stem):
+                print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ def _fla():
 
 
 def _our_backends(implemented, device):
+    """Backends to time: on the CPU only "torch" (the Triton interpreter is a test tool, not a path)."""
     from m1_core.dispatch import available_backends
-    return available_backends(implemented, device)
+    return [b for b in available_backends(implemented, device) if device.type == "cuda" or b == "torch"]
 
 
 def prefill_cases(device, B, H, D, T, dtype, backward=False, layer=0, torch_peer=True):
@@ -59,6 +60,41 @@ def prefill_cases(device, B, H, D, T, dtype, backward=False, layer=0, torch_peer
                 params=dict(B=B, H=H, D=D, T=T, dtype=str(dtype), backward=backward))
 
 
+def varlen_case(device, H, D, lengths, dtype=torch.bfloat16, backward=False):
+    """A pack of sequences of mixed lengths (empty and length-1 included), one state each."""
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    T = int(sum(lengths))
+    slope = lightning_ops.slopes(H, 0, 80, device=device)
+    mode = "fwd+bwd" if backward else "fwd"
+    name = f"varlen {mode} N{len(lengths)} H{H} D{D} T{T} {str(dtype).removeprefix('torch.')}"
+
+    def make():
+        q, k, v = (torch.randn(1, T, H, D, device=device, dtype=dtype) * D ** -0.5 for _ in range(3))
+        do = torch.randn_like(v) if backward else None
+        return q.requires_grad_(backward), k.requires_grad_(backward), v.requires_grad_(backward), do
+
+    def run(fn):
+        def call(inputs):
+            q, k, v, do = inputs
+            o = fn(q, k, v)
+            if backward:
+                torch.autograd.grad(o, (q, k, v), do)
+        return call
+
+    impls = {}
+    for backend in _our_backends(ops.ATTN_BACKENDS, device):
+        label = f"ours[{backend}]" if backend != "torch" or device.type == "cpu" else "torch (fp32 blockwise)"
+        impls[label] = run(lambda q, k, v, b=backend: lightning_ops.lightning_attn(
+            q, k, v, slope, cu_seqlens=cu, backend=b)[0])
+    fla = _fla() if device.type == "cuda" else None
+    if fla is not None:
+        chunk, cu64 = fla[0], cu.long()
+        impls["fla chunk"] = run(lambda q, k, v: chunk(q, k, v, g_gamma=-slope, scale=1.0, cu_seqlens=cu64)[0])
+    io = T * H * 4 * D * (torch.finfo(dtype).bits // 8)
+    return Case("lightning prefill", name, make, impls, bytes=io * (3 if backward else 1),
+                params=dict(H=H, D=D, T=T, lengths=list(lengths), dtype=str(dtype), backward=backward))
+
+
 def decode_case(device, B, H, D, dtype=torch.bfloat16):
     slope = lightning_ops.slopes(H, 0, 80, device=device)
 
@@ -80,16 +116,22 @@ def decode_case(device, B, H, D, dtype=torch.bfloat16):
             x[0][:, None], x[1][:, None], x[2][:, None], g_gamma=-slope, scale=1.0, initial_state=x[3],
             output_final_state=True)
     state_bytes = 2 * B * H * D * D * 4                  # fp32 state read once and written once
-    return Case("lightning decode", f"decode B{B} H{H} D{D} fp32 state", make, impls, bytes=state_bytes,
-                params=dict(B=B, H=H, D=D))
+    return Case("lightning decode", f"decode B{B} H{H} D{D} fp32 state (graph)", make, impls, bytes=state_bytes,
+                params=dict(B=B, H=H, D=D), cuda_graph=True)
 
 
 def cases(device):
     if device.type != "cuda":
         return [prefill_cases(device, 1, 4, 64, 512, torch.float32),
                 prefill_cases(device, 1, 4, 64, 512, torch.float32, backward=True),
+                varlen_case(device, 4, 64, [200, 0, 1, 311], torch.float32),
                 decode_case(device, 8, 4, 64, torch.float32)]
     out = [prefill_cases(device, 1, 64, 128, T, torch.bfloat16, torch_peer=T <= 32768) for T in (8192, 32768)]
     out += [prefill_cases(device, 1, 64, 128, T, torch.bfloat16, backward=True, torch_peer=False) for T in (8192, 32768)]
+    # Tensor-parallel shard (8 of 64 heads), long contexts: memory must stay linear (rows record peak_mem_GiB).
+    out += [prefill_cases(device, 1, 8, 128, T, torch.bfloat16, backward=bwd, torch_peer=T <= 131072 and not bwd)
+            for T in (131072, 1 << 20) for bwd in (False, True)]
+    pack = [8192, 1, 0, 3000, 12000, 64, 7000, 2447]                 # 32768 tokens
+    out += [varlen_case(device, 64, 128, pack, backward=bwd) for bwd in (False, True)]
     out += [decode_case(device, B, H, 128) for H in (64, 8) for B in (16, 64, 128, 256)]
     return out

@@ -149,7 +149,11 @@ def run_case(case: Case, device, ceilings) -> list[dict]:
         row = {"group": case.group, "case": case.name, "impl": label, "ours": label.startswith("ours"),
                "params": case.params, "floor_ms": fl, "bound": bound}
         try:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             row.update(time_fn(fn, sets, device, cuda_graph=case.cuda_graph))
+            if device.type == "cuda":  # inputs included: what the call needs on top is peak - inputs
+                row["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
         except Exception as exc:  # a peer that cannot run this shape is reported, not fatal
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             rows.append(row)

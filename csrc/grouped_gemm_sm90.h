@@ -14,13 +14,16 @@ enum class GroupedGemmTile : int {
 };
 
 // Y[r] = X[r] @ W_e^T (weight_k_major: W_e is [N, K], layout "nk") or X[r] @ W_e (W_e is [K, N],
-// layout "kn") for every row r in offsets[e] <= r < offsets[e+1]. Rows outside [offsets[0],
+// layout "kn") for every row r in offsets[e] <= r < offsets[e+1]. With `gate` (a contiguous
+// [num_rows, N] tensor, layout "nk" only, large tile) the result is silu(gate[r]) * (X[r] @ W_e^T): the
+// up projection of SwiGLU with its activation fused into the epilogue. Rows outside [offsets[0],
 // offsets[E]) are written as zeros. Offsets live on the device and are clamped to [0, num_rows]
 // there, so a bad offset cannot make the kernel touch memory outside X or Y.
 // Pointers, the strides in elements and the base addresses must be 16-byte aligned (TMA).
 struct GroupedGemmArgs {
   const void* x; int64_t x_row_stride;                          // [num_rows, K], unit column stride
   const void* w; int64_t w_expert_stride; int64_t w_row_stride; // [E, N, K] or [E, K, N]
+  const void* gate;                                             // null, or contiguous [num_rows, N]
   void* y;                                                      // contiguous [num_rows, N]
   const void* offsets;                                          // int32 [E + 1], device
   int64_t num_rows, n, k, num_experts;

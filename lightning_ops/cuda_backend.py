@@ -16,3 +16,70 @@ def lightning_decode(q, k, v, slope, state, slot_idx, scale, variant=0):
         ptr(slope), ptr(state), ptr(slot_idx), ptr(out), B, H, D, Dv, state.shape[0], DTYPE_CODES[q.dtype],
         float(scale), stream_of(q), variant)
     return out
+
+
+def _segment_table(B, T, H, Dv, cu_seqlens, device):
+    """Cut every sequence into segments of whole 64-token chunks, enough of them to fill the GPU.
+
+    Returns int32 tables on `device`: segments [G, 4] (row b, start t, length, sequence) and
+    sequences [N, 2] (first segment, count). Packed sequences read cu_seqlens on the host once.
+    """
+    if cu_seqlens is None:
+        starts, lengths, rows = [0] * B, [T] * B, list(range(B))
+    else:
+        bounds = cu_seqlens.tolist()
+        starts, lengths, rows = bounds[:-1], [b - a for a, b in zip(bounds[:-1], bounds[1:])], [0] * (len(bounds) - 1)
+    target_blocks = 16 * torch.cuda.get_device_properties(device).multi_processor_count
+    blocks_per_segment = H * (Dv // 64)
+    total = max(sum(lengths), 1)
+    seg_len = -(-total * blocks_per_segment // target_blocks)
+    seg_len = min(max(256, -(-seg_len // 64) * 64), 16384)
+    segments, sequences = [], []
+    for n, (row, start, length) in enumerate(zip(rows, starts, lengths)):
+        first = len(segments)
+        segments += [(row, start + t, min(seg_len, length - t), n) for t in range(0, length, seg_len)]
+        sequences.append((first, len(segments) - first))
+    as_table = lambda rows_, width: torch.tensor(rows_, dtype=torch.int32).reshape(-1, width).to(device)  # noqa: E731
+    return as_table(segments, 4), as_table(sequences, 2)
+
+
+def _prefill(q, k, v, slope, initial_state, cu_seqlens, scale, slot_idx=None):
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"the cuda backend's prefill takes bf16 or fp16 q/k/v (tensor cores), got {q.dtype}; "
+                        "use backend='triton' or 'torch' for fp32")
+    B, T, H, D = q.shape
+    Dv = v.shape[-1]
+    if D not in (64, 128) or Dv not in (64, 128):
+        raise ValueError(f"the cuda backend supports head dims D, Dv in (64, 128), got D={D}, Dv={Dv}")
+    ext = cuda_extension(q.device)
+    # 16-byte copies need 8-element-aligned strides and addresses.
+    q, k, v = (x if all(s % 8 == 0 for s in x.stride()[:-1]) and x.data_ptr() % 16 == 0 else x.contiguous()
+               for x in (q, k, v))
+    segments, sequences = _segment_table(B, T, H, Dv, cu_seqlens, q.device)
+    N = sequences.shape[0]
+    o = torch.empty(B, T, H, Dv, dtype=q.dtype, device=q.device)
+    final = None if slot_idx is not None else torch.empty(N, H, D, Dv, dtype=torch.float32, device=q.device)
+    work = torch.empty(segments.shape[0], H, D, Dv, dtype=torch.float32, device=q.device)
+    strides = [s for x in (q, k, v, o) for s in (x.stride(0), x.stride(1), x.stride(2))]
+    ext.lightning_prefill_forward(
+        ptr(q), ptr(k), ptr(v), ptr(o), strides, ptr(slope), ptr(initial_state), ptr(final), ptr(slot_idx),
+        ptr(work), ptr(segments), ptr(sequences), segments.shape[0], N, H, D, Dv, DTYPE_CODES[q.dtype],
+        float(scale), stream_of(q))
+    return o, final
+
+
+def lightning_fwd(q, k, v, slope, initial_state, cu_seqlens, scale):
+    """Tensor-core forward (csrc/lightning_prefill.cu); bf16/fp16 only. Returns (o, final states)."""
+    return _prefill(q, k, v, slope, initial_state, cu_seqlens, scale)
+
+
+def lightning_fwd_slots(q, k, v, slope, state, slot_idx, cu_seqlens, scale):
+    """Prefill from a slot cache, final states written back in place (negative slot: zeros, untouched)."""
+    return _prefill(q, k, v, slope, state, cu_seqlens, scale, slot_idx=slot_idx)[0]
+
+
+def lightning_bwd(do, dfinal, q, k, v, slope, initial_state, cu_seqlens, scale):
+    """No CUDA backward yet: the Triton backward serves training with backend='cuda'."""
+    from . import triton_backend
+
+    return triton_backend.lightning_bwd(do, dfinal, q, k, v, slope, initial_state, cu_seqlens, scale)

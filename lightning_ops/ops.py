@@ -5,7 +5,8 @@ Semantics (DESIGN.md §3), per head h with rate s_h > 0 and state S [D, Dv] in f
     S_t = exp(-s_h) S_{t-1} + k_t^T v_t          o_t = scale * q_t S_t
 
 Each backend module provides the same functions on already-validated tensors: `lightning_fwd`,
-`lightning_decode` and, for the kernel backends (triton_backend, cuda_backend), `lightning_bwd`. Kernel
+`lightning_fwd_slots` (prefill from a slot cache), `lightning_decode` and, for the kernel backends
+(triton_backend, cuda_backend), `lightning_bwd`. Kernel
 backends run inside torch.library custom ops (fake tensors, autograd, opcheck); the torch backend is
 plain differentiable PyTorch and is called directly.
 """
@@ -21,8 +22,8 @@ from m1_core.validate import FLOAT_DTYPES, capturing, check_shape, check_tensor
 from . import torch_backend
 
 # Backends per op, fastest first as measured on Hopper (bench/results).
-ATTN_BACKENDS = ("torch",)
-DECODE_BACKENDS = ("cuda", "torch")
+ATTN_BACKENDS = ("triton", "torch", "cuda")
+DECODE_BACKENDS = ("cuda", "triton", "torch")
 
 _KERNEL_MODULES = {"cuda": "lightning_ops.cuda_backend", "triton": "lightning_ops.triton_backend"}
 
@@ -85,6 +86,20 @@ def _attn_backward(ctx, do, dfinal):
 _attn_fwd.register_autograd(_attn_backward, setup_context=_attn_setup_context)
 
 
+@torch.library.custom_op("m1_ops::lightning_attn_fwd_slots", mutates_args=("state",))
+def _attn_fwd_slots(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor, state: torch.Tensor,
+                    slot_idx: torch.Tensor, cu_seqlens: Optional[torch.Tensor], scale: float,
+                    backend: str) -> torch.Tensor:
+    if cu_seqlens is not None and not capturing(q.device):
+        _check_cu_seqlens_values(cu_seqlens, q.shape[1])
+    return _impl(backend).lightning_fwd_slots(q, k, v, slope, state, slot_idx, cu_seqlens, scale)
+
+
+@_attn_fwd_slots.register_fake
+def _(q, k, v, slope, state, slot_idx, cu_seqlens, scale, backend):
+    return v.new_empty(*q.shape[:3], v.shape[-1])
+
+
 @torch.library.custom_op("m1_ops::lightning_attn_decode", mutates_args=("state",))
 def _decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor, state: torch.Tensor,
             slot_idx: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
@@ -107,6 +122,23 @@ def _check_cu_seqlens_values(cu_seqlens, total):
         raise ValueError("cu_seqlens must be non-decreasing")
 
 
+def _check_slots(slot_idx, state, rows, device):
+    """slot_idx [rows] int32 into a slot cache `state` [S, ...]; values are checked on CPU tensors only
+    (reading CUDA values would synchronise)."""
+    check_tensor("slot_idx", slot_idx, ndim=1, dtypes=(torch.int32,), device=device)
+    check_shape("slot_idx", slot_idx, (rows,), " (one slot per sequence)")
+    if slot_idx.device.type == "cpu" and rows and int(slot_idx.max()) >= state.shape[0]:
+        raise ValueError(f"slot_idx holds slot {int(slot_idx.max())} but the cache has {state.shape[0]} slots")
+
+
+def _check_kernel_head_dims(backend, D, Dv):
+    if backend == "triton":
+        from .triton_backend import head_dims_error
+        why = head_dims_error(D, Dv)
+        if why:
+            raise ValueError(f"{why}; use backend='torch' for other sizes")
+
+
 def _check_slope(slope, H, device):
     check_tensor("slope", slope, ndim=1, dtypes=(torch.float32,), device=device)
     check_shape("slope", slope, (H,), " (one rate per head)")
@@ -127,7 +159,7 @@ def _check_qkv(q, k, v, ndim):
 # Public API
 
 def lightning_attn(q, k, v, slope, *, scale=1.0, initial_state=None, output_final_state=False,
-                   cu_seqlens=None, backend=None):
+                   cu_seqlens=None, slot_idx=None, backend=None):
     """Lightning attention prefill (forward and backward).
 
     Args:
@@ -137,7 +169,15 @@ def lightning_attn(q, k, v, slope, *, scale=1.0, initial_state=None, output_fina
         initial_state: [N, H, D, Dv] fp32, N = B (or the number of sequences with cu_seqlens).
         output_final_state: also return the fp32 state after the last token of each sequence.
         cu_seqlens: [N + 1] int32/int64 boundaries of sequences packed along T (requires B == 1).
-        backend: "cuda", "triton", "torch" or None (see m1_core.dispatch).
+        slot_idx: [N] int32; continue from a slot cache (serving, chunked prefill). `initial_state` is
+            then the cache [S, H, D, Dv] fp32: sequence n starts from initial_state[slot_idx[n]] and
+            its final state is written back into that slot in place (slots must be distinct). A
+            negative slot marks a padding sequence: zero output, no state read or written. For
+            inference: the kernel backends register no backward for it (backward raises); returns
+            (o, None). On CUDA the slots are not checked on the host (that
+            would synchronise): a slot >= S gives NaN output and touches no state.
+        backend: "cuda", "triton", "torch" or None (see m1_core.dispatch). The triton backend takes
+            D, Dv in (64, 128).
 
     Returns:
         (o [B, T, H, Dv] in q's dtype, final_state [N, H, D, Dv] fp32 or None).
@@ -154,13 +194,33 @@ def lightning_attn(q, k, v, slope, *, scale=1.0, initial_state=None, output_fina
         if cu_seqlens.shape[0] < 2:
             raise ValueError("cu_seqlens must hold at least two boundaries")
         N = cu_seqlens.shape[0] - 1
-    if initial_state is not None:
+    if slot_idx is not None:
+        if initial_state is None:
+            raise ValueError("slot_idx needs initial_state: the slot cache [S, H, D, Dv] it indexes")
+        check_tensor("initial_state", initial_state, ndim=4, dtypes=(torch.float32,), device=q.device,
+                     contiguous=True)
+        if initial_state.shape[1:] != (H, D, Dv):
+            raise ValueError(f"initial_state (the slot cache) must have shape [S, {H}, {D}, {Dv}], "
+                             f"got {tuple(initial_state.shape)}")
+        _check_slots(slot_idx, initial_state, N, q.device)
+        if output_final_state:
+            raise ValueError("with slot_idx the final states are written into the slot cache; "
+                             "output_final_state must be False")
+    elif initial_state is not None:
         check_tensor("initial_state", initial_state, ndim=4, dtypes=(torch.float32,), device=q.device,
                      contiguous=True)
         check_shape("initial_state", initial_state, (N, H, D, Dv), " ([N, H, D, Dv], N sequences)")
     if not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a Python number, got {type(scale).__name__}")
     backend = resolve_backend("lightning_attn", backend, ATTN_BACKENDS, q.device)
+    _check_kernel_head_dims(backend, D, Dv)
+    if slot_idx is not None:
+        if backend == "torch":
+            if cu_seqlens is not None:
+                _check_cu_seqlens_values(cu_seqlens, T)
+            return torch_backend.lightning_fwd_slots(q, k, v, slope, initial_state, slot_idx, cu_seqlens,
+                                                     float(scale)), None
+        return _attn_fwd_slots(q, k, v, slope, initial_state, slot_idx, cu_seqlens, float(scale), backend), None
     if backend == "torch":
         if cu_seqlens is not None:
             _check_cu_seqlens_values(cu_seqlens, T)
@@ -203,6 +263,7 @@ def lightning_attn_decode(q, k, v, slope, state, *, slot_idx=None, scale=1.0, ba
     if not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a Python number, got {type(scale).__name__}")
     backend = resolve_backend("lightning_attn_decode", backend, DECODE_BACKENDS, q.device)
+    _check_kernel_head_dims(backend, D, Dv)
     if backend == "torch":
         return torch_backend.lightning_decode(q, k, v, slope, state, slot_idx, float(scale))
     return _decode(q, k, v, slope, state, slot_idx, float(scale), backend)

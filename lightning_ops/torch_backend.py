@@ -66,6 +66,24 @@ def lightning_fwd(q, k, v, slope, initial_state, cu_seqlens, scale):
     return o, final
 
 
+def lightning_fwd_slots(q, k, v, slope, state, slot_idx, cu_seqlens, scale):
+    """Prefill from a slot cache, updating it in place: rows with a negative slot (padding) give zero
+    output, rows with a slot >= S give NaN; neither touches the cache."""
+    valid = (slot_idx >= 0) & (slot_idx < state.shape[0])
+    idx = torch.where(valid, slot_idx, 0).long()
+    old = state[idx]
+    h0 = torch.where(valid[:, None, None, None], old, 0.0)
+    o, final = lightning_fwd(q, k, v, slope, h0, cu_seqlens, scale)
+    state.index_put_((idx,), torch.where(valid[:, None, None, None], final - old, 0.0), accumulate=True)
+    fill = torch.where(slot_idx < 0, 0.0, float("nan")).to(o.dtype)
+    if cu_seqlens is None:
+        keep, fill = valid[:, None, None, None], fill[:, None, None, None]
+    else:  # the sequence of each packed token
+        seq = torch.searchsorted(cu_seqlens[1:], torch.arange(q.shape[1], device=q.device), right=True)
+        keep, fill = valid[seq][None, :, None, None], fill[seq][None, :, None, None]
+    return torch.where(keep, o, fill)
+
+
 def lightning_decode(q, k, v, slope, state, slot_idx, scale):
     """In-place state update without host sync: rows with a negative slot add a zero delta to slot 0."""
     valid = slot_idx >= 0

@@ -1,0 +1,283 @@
+"""Blockwise lightning-attention prefill in Triton: a two-pass segmented scan (forward and backward).
+
+One generic recurrence serves the forward pass and all three gradients. Per (sequence, head), with
+rate s (lambda = exp(-s)) and time running forwards, or backwards through each sequence (`reverse`):
+
+    S_t = lambda S_{t-1} + kv_scale * k_t^T v_t        S_{-1} = h0 (zeros if absent)
+    o_t = out_scale * q_t S_t                           final = S_{L-1}
+
+Each sequence is cut into segments of `segment_len` tokens (a multiple of the block, BT = 64), so that
+(segments x heads x value tiles) programs fill the GPU without ever storing a per-block state:
+
+1. `_segment_kv_kernel` reads k, v of one segment once and writes its decayed key-value sum
+   sum_j lambda^(end-1-j) k_j^T v_j (fp32, [D, Dv]). With half-precision inputs the decayed keys go
+   to the tensor cores as a hi + lo pair, so segment sums, start and final states are as exact as an
+   fp32 computation on the same inputs (pass 3's on-chip state only feeds the half-precision output).
+2. `_segment_scan_kernel` walks the segments of each sequence (element-parallel over the state) and
+   replaces every sum by the state at its segment's start; the walk ends with the final state.
+3. `_segment_output_kernel` runs one segment block by block, keeping a [D, BV] fp32 state tile on
+   chip: intra-block masked decayed attention with tl.dot plus the inter-block q . S term.
+
+Every decay factor is exp(-s * distance) with distance >= 0: small rates (the last layer) stay exact,
+large rates underflow to zero, nothing overflows. The only positive exponent is one step, exp(+s),
+which the backward needs for its shifted initial state (see `reverse` in `chunk_lightning`).
+
+Memory traffic: q, k, v read once and o written once by pass 3 (its value tiles of one segment are
+launched next to each other, so the second tile finds q and k in L2), k and v read once more by
+pass 1, plus 4 state-sized fp32 tiles per segment (~4% at the default segment length).
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from m1_core.dispatch import triton_interpreted
+
+BLOCK_T = 64          # tokens per block inside a segment (the intra-block attention is BT x BT)
+SCAN_ELEMENTS = 1024  # state elements per scan program
+MAX_SEGMENT = 16384
+
+
+def _configs(options):
+    """Autotune configs; one under the interpreter (it would time nothing useful)."""
+    if triton_interpreted():
+        options = options[:1]
+    return [triton.Config(dict(kw), num_warps=w, num_stages=s) for kw, w, s in options]
+
+
+def _prune_value_tiles(configs, named_args, **kwargs):
+    """Drop value tiles wider than Dv (constexprs arrive in kwargs, runtime arguments in named_args)."""
+    dv = kwargs.get("DV", named_args.get("DV"))
+    return [c for c in configs if c.kwargs["BV"] <= dv]
+
+
+@triton.jit
+def _segment_bounds(g, seg_seq_ptr, seg_lo_ptr, cu_ptr, T, G, SEG, VARLEN: tl.constexpr):
+    """Sequence n, its first token bos and length L, and the segment's logical token range [lo, hi).
+    Unused varlen table rows (n < 0) get an empty range."""
+    if VARLEN:
+        n = tl.load(seg_seq_ptr + g)
+        lo = tl.load(seg_lo_ptr + g)
+        n_safe = tl.maximum(n, 0)
+        bos = tl.load(cu_ptr + n_safe).to(tl.int64)
+        L = (tl.load(cu_ptr + n_safe + 1).to(tl.int64) - bos).to(tl.int32)
+        hi = tl.where(n >= 0, tl.minimum(lo + SEG, L), lo)
+    else:
+        n = g // G
+        lo = (g % G) * SEG
+        bos = n.to(tl.int64) * T
+        L = T
+        hi = tl.minimum(lo + SEG, L)
+    return n, bos, L, lo, hi
+
+
+@triton.jit
+def _block_token(bos, L, b0, REVERSE: tl.constexpr):
+    """Physical token (int64 scalar) of a block's first logical position b0; the block's rows then
+    step by +1 token (or -1 in reverse), as int32 offsets: few address registers per thread."""
+    if REVERSE:
+        return bos + (L - 1 - b0).to(tl.int64)
+    return bos + b0.to(tl.int64)
+
+
+@triton.autotune(configs=_configs([({}, 8, 2), ({}, 8, 3)]), key=["H", "D", "DV", "REVERSE"])
+@triton.jit
+def _segment_kv_kernel(k_ptr, v_ptr, slope_ptr, kv_ptr, seg_seq_ptr, seg_lo_ptr, cu_ptr, T, G, SEG, kv_scale,
+                       H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
+                       REVERSE: tl.constexpr, VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
+                       SPLIT: tl.constexpr):
+    g = tl.program_id(0)
+    h = tl.program_id(1)
+    n, bos, L, lo, hi = _segment_bounds(g, seg_seq_ptr, seg_lo_ptr, cu_ptr, T, G, SEG, VARLEN)
+    s = tl.load(slope_ptr + h)
+    rows = tl.arange(0, BT)
+    d = tl.arange(0, D)
+    e = tl.arange(0, DV)
+    steps = -rows if REVERSE else rows
+    k_offs = steps[:, None] * (H * D) + d[None, :]
+    v_offs = steps[:, None] * (H * DV) + e[None, :]
+    acc = tl.zeros([D, DV], dtype=tl.float32)
+    for b0 in range(lo, hi, BT):
+        t = b0 + rows
+        live = t < hi
+        tok = _block_token(bos, L, b0, REVERSE)
+        kb = tl.load(k_ptr + tok * (H * D) + h * D + k_offs, mask=live[:, None], other=0.0)
+        vb = tl.load(v_ptr + tok * (H * DV) + h * DV + v_offs, mask=live[:, None], other=0.0)
+        w = tl.where(live, tl.exp(-s * tl.maximum(hi - 1 - t, 0).to(tl.float32)), 0.0)
+        kw32 = kb.to(tl.float32) * w[:, None]
+        kw = kw32.to(kb.dtype)
+        acc = tl.dot(tl.trans(kw), vb, acc, input_precision=DOT_PREC)
+        if SPLIT:  # k * decay in two half-precision parts: the sums (hence states) stay fp32-exact
+            kw_lo = (kw32 - kw.to(tl.float32)).to(kb.dtype)
+            acc = tl.dot(tl.trans(kw_lo), vb, acc, input_precision=DOT_PREC)
+    out = kv_ptr + (g.to(tl.int64) * H + h) * (D * DV) + d[:, None] * DV + e[None, :]
+    tl.store(out, acc * kv_scale)
+
+
+@triton.jit
+def _segment_scan_kernel(kv_ptr, h0_ptr, final_ptr, slope_ptr, slot_ptr, seq_seg0_ptr, cu_ptr, T, G, SEG,
+                         num_slots, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BE: tl.constexpr,
+                         HAS_H0: tl.constexpr, HAS_FINAL: tl.constexpr, USE_SLOTS: tl.constexpr,
+                         REVERSE: tl.constexpr, VARLEN: tl.constexpr):
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    offs = tl.program_id(2) * BE + tl.arange(0, BE)
+    s = tl.load(slope_ptr + h)
+    if VARLEN:
+        L = (tl.load(cu_ptr + n + 1) - tl.load(cu_ptr + n)).to(tl.int32)
+        g0 = tl.load(seq_seg0_ptr + n)
+    else:
+        L = T
+        g0 = n * G
+    row = n.to(tl.int64)
+    keep = offs >= 0
+    if USE_SLOTS:  # state rows live in a slot cache; an invalid slot starts from zeros, writes nothing
+        slot = tl.load(slot_ptr + n)
+        keep = keep & (slot >= 0) & (slot < num_slots)
+        row = tl.maximum(slot, 0).to(tl.int64)
+    S = tl.zeros([BE], dtype=tl.float32)
+    if HAS_H0:
+        S = tl.load(h0_ptr + (row * H + h) * (D * DV) + offs, mask=keep, other=0.0)
+        if REVERSE:  # the reverse recurrence takes its initial state one step early
+            S = S * tl.exp(s)
+    for j in range(0, tl.cdiv(L, SEG)):
+        ptr = kv_ptr + ((g0 + j).to(tl.int64) * H + h) * (D * DV) + offs
+        kv = tl.load(ptr)
+        tl.store(ptr, S)
+        S = S * tl.exp(-s * tl.minimum(SEG, L - j * SEG).to(tl.float32)) + kv
+    if HAS_FINAL:
+        if REVERSE:
+            S = S * tl.exp(-s)
+        tl.store(final_ptr + (row * H + h) * (D * DV) + offs, S, mask=keep)
+
+
+@triton.autotune(configs=_configs([(dict(BV=64), 4, 2), (dict(BV=64), 8, 2), (dict(BV=64), 4, 3),
+                                   (dict(BV=128), 8, 2)]),
+                 key=["H", "D", "DV", "REVERSE"], prune_configs_by=dict(early_config_prune=_prune_value_tiles))
+@triton.jit
+def _segment_output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slope_ptr, start_ptr, seg_seq_ptr, seg_lo_ptr, cu_ptr,
+                           slot_ptr, T, G, SEG, num_slots, out_scale, kv_scale,
+                           H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
+                           BV: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
+                           USE_SLOTS: tl.constexpr, DOT_PREC: tl.constexpr):
+    iv = tl.program_id(0)  # value tiles of one segment run side by side: q, k blocks come from L2
+    g = tl.program_id(1)
+    h = tl.program_id(2)
+    n, bos, L, lo, hi = _segment_bounds(g, seg_seq_ptr, seg_lo_ptr, cu_ptr, T, G, SEG, VARLEN)
+    s = tl.load(slope_ptr + h)
+    rows = tl.arange(0, BT)
+    d = tl.arange(0, D)
+    e = iv * BV + tl.arange(0, BV)
+    S = tl.load(start_ptr + (g.to(tl.int64) * H + h) * (D * DV) + d[:, None] * DV + e[None, :])
+    q_decay = tl.exp(-s * (rows + 1).to(tl.float32))
+    dist = rows[:, None] - rows[None, :]
+    intra_decay = tl.where(dist >= 0, tl.exp(-s * tl.maximum(dist, 0).to(tl.float32)), 0.0) * kv_scale
+    steps = -rows if REVERSE else rows
+    qk_offs = steps[:, None] * (H * D) + d[None, :]
+    vo_offs = steps[:, None] * (H * DV) + e[None, :]
+    fill = 0.0
+    if USE_SLOTS:  # padding sequence (negative slot): zeros; slot out of range: NaN (cannot be checked
+        slot = tl.load(slot_ptr + tl.maximum(n, 0))  # on the host without a sync)
+        fill = tl.where(slot < 0, 0.0, float("nan"))
+        live_seq = (slot >= 0) & (slot < num_slots)
+    for b0 in range(lo, hi, BT):
+        t = b0 + rows
+        live = t < hi
+        tok = _block_token(bos, L, b0, REVERSE)
+        qb = tl.load(q_ptr + tok * (H * D) + h * D + qk_offs, mask=live[:, None], other=0.0)
+        kb = tl.load(k_ptr + tok * (H * D) + h * D + qk_offs, mask=live[:, None], other=0.0)
+        vb = tl.load(v_ptr + tok * (H * DV) + h * DV + vo_offs, mask=live[:, None], other=0.0)
+        # Decays go on the smaller operand or the result (per-row factors commute with the dots).
+        o = tl.dot(qb, S.to(qb.dtype), input_precision=DOT_PREC) * q_decay[:, None]
+        scores = tl.dot(qb, tl.trans(kb), input_precision=DOT_PREC) * intra_decay
+        o = tl.dot(scores.to(vb.dtype), vb, o, input_precision=DOT_PREC) * out_scale
+        if USE_SLOTS:
+            o = tl.where(live_seq, o, fill)
+        tl.store(o_ptr + tok * (H * DV) + h * DV + vo_offs, o.to(o_ptr.dtype.element_ty),
+                 mask=live[:, None])
+        blen = tl.minimum(hi - b0, BT)
+        w = tl.where(live, tl.exp(-s * tl.maximum(blen - 1 - rows, 0).to(tl.float32)), 0.0) * kv_scale
+        vw = (vb.to(tl.float32) * w[:, None]).to(vb.dtype)
+        S = tl.dot(tl.trans(kb), vw, S * tl.exp(-s * blen.to(tl.float32)), input_precision=DOT_PREC)
+
+
+def default_segment_len(total_tokens: int, heads: int, dv: int, device: torch.device) -> int:
+    """Segment length (a power of two, >= BLOCK_T) giving about 8 output programs per SM (4 waves at 2
+    resident per SM): enough to fill the GPU, few enough that the per-segment state traffic (256 KB
+    per segment and head at D = Dv = 128) stays ~4% of q/k/v/o at M1 shapes."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    work = total_tokens * heads * max(dv // 64, 1) / (8 * sms)
+    seg = 1 << max(0, round(math.log2(max(work, 1.0))))
+    return int(min(max(seg, BLOCK_T), MAX_SEGMENT))
+
+
+def _segment_table(cu_seqlens, total, seg):
+    """Varlen segment table, built on the device without a host sync: a fixed upper bound of
+    cdiv(total, seg) + N rows; row g holds (sequence or -1, first logical token) and each sequence's
+    first row. Segments never cross sequence boundaries."""
+    N = cu_seqlens.shape[0] - 1
+    rows = triton.cdiv(total, seg) + N
+    cu = cu_seqlens.to(torch.int64)
+    nseg = (cu[1:] - cu[:-1] + seg - 1) // seg
+    ends = torch.cumsum(nseg, 0)
+    first = ends - nseg
+    g = torch.arange(rows, device=cu.device)
+    n = torch.searchsorted(ends, g, right=True)
+    valid = n < N
+    lo = (g - first[n.clamp(max=N - 1)]) * seg
+    seg_seq = torch.where(valid, n, -1).to(torch.int32)
+    seg_lo = torch.where(valid, lo, 0).to(torch.int32)
+    return rows, seg_seq, seg_lo, first.to(torch.int32)
+
+
+def chunk_lightning(q, k, v, slope, h0, cu_seqlens, *, out_scale=1.0, kv_scale=1.0, reverse=False,
+                    final=None, slot_idx=None, segment_len=None):
+    """Run the generic recurrence (module docstring) on q/k [B, T, H, D], v [B, T, H, Dv].
+
+    h0: [N, H, D, Dv] fp32 initial states, or the slot cache when `slot_idx` [N] is given.
+    final: None (no final state), "new" (return a fresh [N, H, D, Dv] fp32 tensor) or, with slot_idx,
+        the slot cache that receives each sequence's final state in place.
+    reverse: time runs backwards within each sequence, h0 enters at the last token with decay
+        lambda^0 (not lambda^1) and the final state is multiplied by lambda: what dk, dv and
+        d(initial state) need.
+    Returns (o [B, T, H, Dv] in q's dtype, final state tensor or None).
+    """
+    B, T, H, D = q.shape
+    Dv = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    device = q.device
+    o = torch.empty(B, T, H, Dv, dtype=q.dtype, device=device)
+    if final == "new":
+        final = torch.empty(N, H, D, Dv, dtype=torch.float32, device=device)
+    seg = segment_len or default_segment_len(B * T, H, Dv, device)
+    assert seg % BLOCK_T == 0
+    if cu_seqlens is None:
+        G = triton.cdiv(T, seg)
+        rows, seg_seq, seg_lo, seg0, cu = B * G, None, None, None, None
+    else:
+        G = 0
+        rows, seg_seq, seg_lo, seg0 = _segment_table(cu_seqlens, B * T, seg)
+        cu = cu_seqlens
+    dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    states = torch.empty(rows, H, D, Dv, dtype=torch.float32, device=device)
+    use_slots = slot_idx is not None
+    num_slots = h0.shape[0] if h0 is not None else 0
+    if rows:
+        _segment_kv_kernel[(rows, H)](k, v, slope, states, seg_seq, seg_lo, cu, T, G, seg, float(kv_scale),
+                                      H=H, D=D, DV=Dv, BT=BLOCK_T, REVERSE=reverse, VARLEN=cu is not None,
+                                      DOT_PREC=dot_prec, SPLIT=q.dtype != torch.float32)
+    if N:
+        _segment_scan_kernel[(N, H, triton.cdiv(D * Dv, SCAN_ELEMENTS))](
+            states, h0, final, slope, slot_idx, seg0, cu, T, G, seg, num_slots, H=H, D=D, DV=Dv,
+            BE=min(SCAN_ELEMENTS, D * Dv), HAS_H0=h0 is not None, HAS_FINAL=final is not None,
+            USE_SLOTS=use_slots, REVERSE=reverse, VARLEN=cu is not None, num_warps=4)
+    if rows:
+        grid = lambda meta: (triton.cdiv(Dv, meta["BV"]), rows, H)  # noqa: E731
+        _segment_output_kernel[grid](q, k, v, o, slope, states, seg_seq, seg_lo, cu, slot_idx, T, G, seg,
+                                     num_slots, float(out_scale), float(kv_scale), H=H, D=D, DV=Dv,
+                                     BT=BLOCK_T, REVERSE=reverse, VARLEN=cu is not None, USE_SLOTS=use_slots,
+                                     DOT_PREC=dot_prec)
+    return o, final

@@ -1,0 +1,261 @@
+"""safetensors checkpoints of MiniMax-M1: load either naming scheme, single file or sharded; save.
+
+Naming schemes (everything else is named alike in both):
+
+    original release                                         transformers (= our parameter names)
+    model.layers.{i}.block_sparse_moe.gate.weight            model.layers.{i}.mlp.gate.weight
+    model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight  model.layers.{i}.mlp.experts.gate_up_proj[e, :F]
+    model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight  model.layers.{i}.mlp.experts.gate_up_proj[e, F:]
+    model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight  model.layers.{i}.mlp.experts.down_proj[e]
+
+Loading is streaming: the model is built with its parameters on the meta device (no memory, no random
+init), every key and shape of the checkpoint is checked against it from the file headers alone (one
+error lists all missing keys, unexpected keys and shape mismatches), then parameters are allocated on
+the target device and each checkpoint tensor is read and copied into its place one at a time — the
+checkpoint is never held in memory twice. Saving writes the original names (or `transformers`' names)
+in shards of at most `max_shard_bytes`, with a `model.safetensors.index.json` when there is more than one.
+"""
+
+import contextlib
+import json
+import os
+import re
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import M1Config
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+_ORIGINAL_EXPERT = re.compile(r"^(model\.layers\.\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
+_ORIGINAL_MOE = re.compile(r"^(model\.layers\.\d+)\.block_sparse_moe\.(.+)$")
+# Buffers `transformers` saves although they are derived from the config (decay tables of the
+# lightning layers): read past, never loaded.
+_DERIVED = re.compile(r"^model\.layers\.\d+\.self_attn\.(slope_rate|query_decay|key_decay|diagonal_decay)$")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def checkpoint_files(folder) -> list[str]:
+    """The safetensors files of a checkpoint folder (from its index when sharded)."""
+    index = os.path.join(folder, INDEX_FILE)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = [os.path.join(folder, name) for name in dict.fromkeys(weight_map.values())]
+        absent = [p for p in files if not os.path.isfile(p)]
+        if absent:
+            raise FileNotFoundError(f"{INDEX_FILE} names shards that are not there: {absent}")
+        return files
+    single = os.path.join(folder, SINGLE_FILE)
+    if os.path.isfile(single):
+        return [single]
+    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}")
+
+
+def target_of(key: str, ffn: int):
+    """Where checkpoint tensor `key` goes: (parameter name, index into it, part id) or None for a
+    derived buffer. The part id tells which piece of a stacked expert parameter the key covers."""
+    if _DERIVED.match(key):
+        return None
+    m = _ORIGINAL_EXPERT.match(key)
+    if m:
+        layer, e, w = m.group(1), int(m.group(2)), m.group(3)
+        if w == "w2":
+            return f"{layer}.mlp.experts.down_proj", (e,), (e, w)
+        rows = slice(0, ffn) if w == "w1" else slice(ffn, 2 * ffn)
+        return f"{layer}.mlp.experts.gate_up_proj", (e, rows), (e, w)
+    m = _ORIGINAL_MOE.match(key)
+    if m:
+        return f"{m.group(1)}.mlp.{m.group(2)}", (), "all"
+    return key, (), "all"
+
+
+def _required_parts(name: str, param, num_experts: int):
+    """Parts that together fill a parameter: the whole, or every expert's pieces."""
+    if name.endswith(".mlp.experts.gate_up_proj"):
+        return {"all"}, {(e, w) for e in range(num_experts) for w in ("w1", "w3")}
+    if name.endswith(".mlp.experts.down_proj"):
+        return {"all"}, {(e, "w2") for e in range(num_experts)}
+    return {"all"}, None
+
+
+def _unique_parameters(model):
+    """name -> parameter, tied parameters once (under their first name)."""
+    out, seen = {}, set()
+    for name, p in model.named_parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            out[name] = p
+    return out
+
+
+def check_keys(model, shapes: dict, ffn: int, num_experts: int):
+    """Raise one ValueError naming every missing key, unexpected key and shape mismatch.
+
+    shapes: checkpoint key -> shape (from the file headers)."""
+    params = _unique_parameters(model)
+    covered = {name: set() for name in params}
+    unexpected, mismatched = [], []
+    for key, shape in shapes.items():
+        target = target_of(key, ffn)
+        if target is None:
+            continue
+        name, index, part = target
+        if name not in params:
+            unexpected.append(key)
+            continue
+        expected = tuple(params[name][index].shape)
+        if tuple(shape) != expected:
+            mismatched.append(f"{key}: checkpoint {tuple(shape)} vs model {expected}")
+            continue
+        covered[name].add(part)
+    missing = []
+    for name, parts in covered.items():
+        whole, pieces = _required_parts(name, params[name], num_experts)
+        if parts & whole:
+            continue
+        if pieces is None or not parts:
+            missing.append(name)
+        elif pieces - parts:
+            missing += [f"{name}[expert {e} {w}]" for e, w in sorted(pieces - parts)]
+    if missing or unexpected or mismatched:
+        lines = ["checkpoint does not match the model:"]
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                             ("shape mismatches", mismatched)):
+            if items:
+                shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
+                lines.append(f"  {label}: {shown}")
+        raise ValueError("\n".join(lines))
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Build modules with parameters on the meta device (no memory, no init) and buffers as usual."""
+    register = nn.Module.register_parameter
+    inits = {name: getattr(nn.init, name) for name in ("kaiming_uniform_", "uniform_", "normal_", "trunc_normal_",
+                                                      "zeros_", "ones_", "xavier_uniform_", "xavier_normal_")}
+
+    def register_on_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    for name in inits:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+        for name, fn in inits.items():
+            setattr(nn.init, name, fn)
+
+
+def _materialize(model, dtype, device):
+    """Allocate the meta parameters on `device` (uninitialised: the loader fills them); move buffers."""
+    done = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in done:
+                done[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device),
+                                           requires_grad=p.requires_grad)
+            module._parameters[name] = done[id(p)]
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[name] = b.to(device)
+
+
+def load_pretrained(cls, folder, dtype=None, device=None, backend=None):
+    """Build `cls(config)` from a checkpoint folder; see the module docstring."""
+    folder = os.fspath(folder)
+    config = M1Config.from_pretrained(folder)
+    with open(os.path.join(folder, "config.json")) as f:
+        stored = json.load(f)
+    if dtype is None:
+        name = stored.get("torch_dtype") or stored.get("dtype") or "float32"
+        if name not in _DTYPES:
+            raise ValueError(f"checkpoint dtype {name!r} not supported; pass dtype=")
+        dtype = _DTYPES[name]
+    device = torch.device(device or "cpu")
+    files = checkpoint_files(folder)
+    with parameters_on_meta():
+        model = cls(config, backend=backend)
+    shapes, where = {}, {}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                if key in shapes:
+                    raise ValueError(f"key {key} appears in two shards ({where[key]} and {path})")
+                shapes[key], where[key] = f.get_slice(key).get_shape(), path
+    check_keys(model, shapes, config.intermediate_size, config.num_local_experts)
+    _materialize(model, dtype, device)
+    params = _unique_parameters(model)
+    with torch.no_grad():
+        for path in files:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    target = target_of(key, config.intermediate_size)
+                    if target is not None:
+                        name, index, _ = target
+                        params[name][index].copy_(f.get_tensor(key))
+    return model.eval()
+
+
+def original_names(name: str, tensor, ffn: int):
+    """(key, tensor) pairs of one parameter in the original release's names."""
+    m = re.match(r"^(model\.layers\.\d+)\.mlp\.(.+)$", name)
+    if not m:
+        return [(name, tensor)]
+    layer, rest = m.groups()
+    if rest == "experts.gate_up_proj":
+        return [(f"{layer}.block_sparse_moe.experts.{e}.{w}.weight", tensor[e, rows])
+                for e in range(tensor.shape[0]) for w, rows in (("w1", slice(0, ffn)), ("w3", slice(ffn, None)))]
+    if rest == "experts.down_proj":
+        return [(f"{layer}.block_sparse_moe.experts.{e}.w2.weight", tensor[e]) for e in range(tensor.shape[0])]
+    return [(f"{layer}.block_sparse_moe.{rest}", tensor)]
+
+
+def save_pretrained(model, folder, max_shard_bytes: int = 5 << 30, names: str = "original"):
+    """Write config.json and the parameters as safetensors (see the module docstring)."""
+    if names not in ("original", "transformers"):
+        raise ValueError(f"names must be 'original' or 'transformers', got {names!r}")
+    os.makedirs(folder, exist_ok=True)
+    config = model.config
+    params = _unique_parameters(model)
+    if config.tie_word_embeddings:
+        params.pop("lm_head.weight", None)
+    entries = []                        # (key, tensor view) in a stable order
+    for name, p in params.items():
+        entries += original_names(name, p.detach(), config.intermediate_size) if names == "original" \
+            else [(name, p.detach())]
+    shards, current, size = [], [], 0
+    for key, t in entries:
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append((key, t))
+        size += nbytes
+    shards.append(current)
+    dtype = next(iter(params.values())).dtype
+    stored = config.to_dict(names)
+    stored["torch_dtype"] = str(dtype).removeprefix("torch.")
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(stored, f, indent=2)
+    weight_map = {}
+    for n, shard in enumerate(shards):
+        file = SINGLE_FILE if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        # One shard in host memory at a time; clones because views of one stacked tensor share storage.
+        save_file({key: t.to("cpu", copy=True).contiguous() for key, t in shard},
+                  os.path.join(folder, file), metadata={"format": "pt"})
+        weight_map.update({key: file for key, _ in shard})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for _, t in entries)
+        with open(os.path.join(folder, INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

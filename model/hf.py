@@ -1,0 +1,78 @@
+"""Drop-in replacement of `transformers`' MiniMax modules by ours, in place, sharing the weights.
+
+`replace_hf_modules(hf_model)` swaps every `MiniMaxLightningAttention` for `lightning_ops.LightningAttention`
+and every `MiniMaxSparseMoeBlock` for `moe_ops.SparseMoE`. The MoE block is called as ours is
+(`mlp(hidden_states) -> hidden_states`). The attention is called by `MiniMaxDecoderLayer` with keyword
+arguments (position embeddings, a 2D padding mask, the `MiniMaxCache`) and must return a pair, so the
+lightning layer is an `HFLightningAttention`, a subclass of ours that only adds that calling convention:
+parameter names, and so `state_dict()` and `save_pretrained`, stay exactly those of `transformers`.
+
+Cache: `MiniMaxCache.linear_cache[layer]` holds our fp32 state `[B, H, D, D]` (transformers keeps it
+in the activation dtype); `batch_select_indices` / `batch_repeat_interleave` work on it unchanged.
+Not carried over: router-logit and attention-weight recording (`output_router_logits`,
+`output_attentions`) of the replaced modules.
+"""
+
+import torch
+
+from lightning_ops import LightningAttention
+from moe_ops import SparseMoE
+
+
+class HFLightningAttention(LightningAttention):
+    """LightningAttention with the calling convention of `transformers`' MiniMaxLightningAttention."""
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                **kwargs):
+        if attention_mask is not None:
+            # Padding tokens: qkv = silu(qkv_proj(0)) = 0, so they add nothing to the state (as transformers'
+            # apply_mask_to_padding_states); their own outputs are never read.
+            hidden_states = hidden_states * attention_mask[:, :, None].to(hidden_states.dtype)
+        if past_key_values is None:
+            return super().forward(hidden_states), None
+        B = hidden_states.shape[0]
+        state = past_key_values.get_linear_cache(self.layer_idx)
+        first_call = not isinstance(state, torch.Tensor)
+        if first_call:                                           # an empty state per row
+            H, D = self.num_heads, self.head_dim
+            state = hidden_states.new_zeros(B, H, D, D, dtype=torch.float32)
+        elif state.dtype != torch.float32 or not state.is_contiguous():
+            state = state.float().contiguous()
+        slots = torch.arange(B, dtype=torch.int32, device=hidden_states.device)
+        if torch.is_grad_enabled() and hidden_states.requires_grad:
+            # Slot-cache calls are inference only. A training forward that also builds a cache (transformers'
+            # default use_cache=True) gets the differentiable output plus a second, no-grad pass that fills
+            # the state: correct, at twice the cost (pass use_cache=False when training).
+            if not first_call:
+                raise ValueError("continuing from a MiniMaxCache is inference only: run it under torch.no_grad()")
+            out = super().forward(hidden_states)
+            with torch.no_grad():
+                super().forward(hidden_states.detach(), state=state, slot_idx=slots)
+        else:
+            out = super().forward(hidden_states, state=state, slot_idx=slots)
+        past_key_values.set_linear_cache(self.layer_idx, state)
+        return out, state
+
+
+def replace_hf_modules(hf_model, backend=None):
+    """Swap the lightning-attention and MoE modules of a `transformers` MiniMaxForCausalLM (or MiniMaxModel)
+    for ours, in place, sharing their parameters; returns the same model. `backend` picks the kernel
+    backend of the new modules (None: the default dispatch)."""
+    from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention, MiniMaxSparseMoeBlock
+
+    base = getattr(hf_model, "model", hf_model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise TypeError(f"expected a transformers MiniMaxForCausalLM or MiniMaxModel, got {type(hf_model).__name__}")
+    replaced = 0
+    for layer in layers:
+        attn = layer.self_attn
+        if isinstance(attn, MiniMaxLightningAttention):
+            layer.self_attn = HFLightningAttention.from_hf(attn, backend=backend)
+            replaced += 1
+        if isinstance(layer.mlp, MiniMaxSparseMoeBlock):
+            layer.mlp = SparseMoE.from_hf(layer.mlp, backend=backend)
+            replaced += 1
+    if not replaced:
+        raise ValueError("found no MiniMaxLightningAttention or MiniMaxSparseMoeBlock to replace")
+    return hf_model

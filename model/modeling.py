@@ -1,0 +1,276 @@
+"""MiniMax-M1 in one file: embedding, hybrid decoder layers, MoE, final norm, LM head.
+
+Layer i (post-norm DeepNorm, as the released model and `transformers`' MiniMaxDecoderLayer):
+
+    h   = input_layernorm(x)
+    h   = alpha_attn * h + beta_attn * attention_i(h)       # the residual is the *normed* input
+    h   = post_attention_layernorm(h)
+    out = alpha_mlp * h + beta_mlp * moe(h)
+
+attention_i is lightning attention (`lightning_ops.LightningAttention`) on "linear_attention" layers and
+softmax attention (GQA, rotate-half RoPE on the first `rotary_dim` dims of each head, causal,
+`F.scaled_dot_product_attention`) on "full_attention" layers; moe is `moe_ops.SparseMoE` (top-k of E
+SwiGLU experts). The LM head may run in float32 (`config.lm_head_fp32`).
+
+Parameter names are those of `transformers`' MiniMaxForCausalLM (`model.layers.{i}.mlp.experts.gate_up_proj`,
+...); model/checkpoint.py also reads and writes the original release's names.
+
+Batches and caches: `forward(input_ids [B, T])` without a cache is the plain causal forward (right
+padding never leaks into earlier tokens). With a `HybridCache`, row b appends its first `lengths[b]`
+tokens to the sequence in slot `slot_idx[b]`: lightning layers pack the valid tokens of all rows into
+one varlen call that starts from, and writes back, each slot's fp32 state (T == 1 uses the decode op);
+softmax layers write their keys/values into the slot's KV cache and attend over everything cached so far.
+"""
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_ops import LightningAttention
+from moe_ops import SparseMoE
+
+from .cache import HybridCache, StepPlan
+from .config import LINEAR, M1Config
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, cast back, then scaled (the order `transformers` uses)."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rotary_cos_sin(positions, rotary_dim: int, theta: float):
+    """cos, sin [B, T, rotary_dim] (fp32) for integer positions [B, T]; angles in float64 so that
+    positions near 10^6 keep their phase."""
+    exponents = torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float64) / rotary_dim
+    angles = positions.to(torch.float64)[..., None] * theta ** -exponents
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_partial_rotary(x, cos, sin):
+    """x [B, T, H, D]: rotate-half RoPE on the first cos.shape[-1] dims of each head, the rest unchanged."""
+    rd = cos.shape[-1]
+    if rd == 0:
+        return x
+    rot, rest = x[..., :rd].float(), x[..., rd:]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    half = rd // 2
+    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    return torch.cat([(rot * cos + rotated * sin).to(x.dtype), rest], dim=-1)
+
+
+class SoftmaxAttention(nn.Module):
+    """Causal GQA softmax attention with partial RoPE; keys/values go to the cache when there is one."""
+
+    def __init__(self, config: M1Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden, d = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(hidden, self.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * d, hidden, bias=False)
+
+    def forward(self, x, cos, sin, cache: HybridCache | None = None, plan: StepPlan | None = None):
+        B, T, _ = x.shape
+        q = apply_partial_rotary(self.q_proj(x).view(B, T, self.num_heads, self.head_dim), cos, sin)
+        k = apply_partial_rotary(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if cache is None:
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, enable_gqa=True)
+        else:
+            keys, values = cache.write_kv(self.layer_idx, k, v, plan)        # [B, Hkv, L, D] each
+            mask = plan.attention_mask
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=plan.causal_from_zero and mask is None,
+                                               enable_gqa=True)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+
+class DecoderLayer(nn.Module):
+    """One hybrid layer: lightning or softmax attention, then MoE, both with post-norm DeepNorm residuals."""
+
+    def __init__(self, config: M1Config, layer_idx: int, backend=None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.is_linear = config.layer_types[layer_idx] == LINEAR
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if self.is_linear:
+            self.self_attn = LightningAttention(config.hidden_size, config.num_attention_heads, config.head_dim,
+                                                layer_idx, config.num_hidden_layers,
+                                                norm_eps=config.lightning_norm_eps, backend=backend)
+            self.attn_alpha, self.attn_beta = config.linear_attn_alpha, config.linear_attn_beta
+        else:
+            self.self_attn = SoftmaxAttention(config, layer_idx)
+            self.attn_alpha, self.attn_beta = config.full_attn_alpha, config.full_attn_beta
+        self.mlp = SparseMoE(config.hidden_size, config.intermediate_size, config.num_local_experts,
+                             config.num_experts_per_tok, backend=backend)
+        self.mlp_alpha, self.mlp_beta = config.mlp_alpha, config.mlp_beta
+
+    def _lightning(self, h, cache, plan):
+        if cache is None:
+            return self.self_attn(h)
+        state = cache.lightning_states[self.layer_idx]
+        if plan.decode:                                       # one token per row: the decode op
+            return self.self_attn(h, state=state, slot_idx=plan.slot_idx)
+        # Prefill that continues each slot: the valid tokens of all rows, packed into one varlen call.
+        packed = plan.pack(h)
+        out = self.self_attn(packed, state=state, slot_idx=plan.slot_idx, cu_seqlens=plan.cu_seqlens)
+        return plan.unpack(out, h.shape)
+
+    def forward(self, x, cos, sin, cache=None, plan=None):
+        h = self.input_layernorm(x)
+        attn = self._lightning(h, cache, plan) if self.is_linear else self.self_attn(h, cos, sin, cache, plan)
+        h = self.attn_alpha * h + self.attn_beta * attn
+        h = self.post_attention_layernorm(h)
+        return self.mlp_alpha * h + self.mlp_beta * self.mlp(h)
+
+
+class M1Model(nn.Module):
+    """Embedding, decoder layers, final norm (the `model.` prefix of the checkpoint names)."""
+
+    def __init__(self, config: M1Config, backend=None):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, backend) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids, cache=None, plan=None):
+        x = self.embed_tokens(input_ids)
+        B, T = input_ids.shape
+        positions = (torch.arange(T, device=input_ids.device).expand(B, T) if plan is None else plan.positions)
+        cos, sin = rotary_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, plan)
+        return self.norm(x)
+
+
+class M1ForCausalLM(nn.Module):
+    """MiniMax-M1 causal LM.
+
+    Args:
+        config: the architecture (see M1Config; `M1Config.preset("minimax-m1")` is the released model).
+        backend: kernel backend of the lightning and MoE ops ("cuda", "triton", "torch" or None for the
+            default of m1_core.dispatch).
+    """
+
+    def __init__(self, config: M1Config, backend=None):
+        super().__init__()
+        self.config = config
+        self.model = M1Model(config, backend)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02):
+        """Random init (normal(0, std) for matrices, ones for norm weights); a no-op on the meta device."""
+        for p in self.parameters():
+            if p.is_meta:
+                continue
+            if p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+
+    def forward(self, input_ids, cache: HybridCache | None = None, slot_idx=None, lengths=None,
+                last_token_only: bool = False):
+        """Logits of a batch of token ids.
+
+        Args:
+            input_ids: [B, T] int64, right-padded when rows have different lengths.
+            cache: a HybridCache to continue from and to append to (None: a plain full forward). A cached
+                step is inference and runs without autograd.
+            slot_idx: cache slot of each row ([B] ints, host list or CPU tensor; default 0..B-1).
+            lengths: valid tokens of each row ([B] ints on the host; default T). Padding past a row's
+                length is never cached, and its logits are meaningless.
+            last_token_only: return the logits of each row's last valid token only.
+
+        Returns:
+            logits [B, T, vocab] (or [B, vocab] with last_token_only); float32 when config.lm_head_fp32,
+            else the model's dtype.
+        """
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        plan = None
+        if cache is not None:
+            plan = cache.plan(B, T, slot_idx, lengths, input_ids.device)
+        elif slot_idx is not None:
+            raise ValueError("slot_idx needs a cache")
+        # A cached step is inference (the cache is written in place): it never records autograd.
+        with torch.no_grad() if cache is not None else contextlib.nullcontext():
+            hidden = self.model(input_ids, cache, plan)
+            if last_token_only:
+                last = torch.full((B,), T - 1, dtype=torch.long) if lengths is None else \
+                    torch.as_tensor(lengths, dtype=torch.long) - 1
+                if (last < 0).any():
+                    raise ValueError("last_token_only needs at least one token in every row")
+                hidden = hidden[torch.arange(B, device=hidden.device), last.to(hidden.device)]
+            if cache is not None:
+                cache.advance(plan)
+            if self.config.lm_head_fp32:
+                return F.linear(hidden.float(), self.lm_head.weight.float())
+            return self.lm_head(hidden)
+
+    # ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def cast_parameters(self, dtype) -> "M1ForCausalLM":
+        """Cast the parameters only: buffers (fp32 decay rates of the lightning layers) keep their dtype."""
+        for p in self.parameters():
+            p.data = p.data.to(dtype)
+        return self
+
+    def new_cache(self, num_slots: int, max_len: int) -> HybridCache:
+        """An empty HybridCache for this model's config, dtype and device."""
+        w = self.lm_head.weight
+        return HybridCache(self.config, num_slots, max_len, dtype=w.dtype, device=w.device)
+
+    def parameter_counts(self) -> dict:
+        """{"total", "non_embedding", "active"}: all parameters; without embeddings and LM head; and those
+        one token uses (each MoE layer's router and top_k of its experts, no embeddings or LM head)."""
+        share = self.config.num_experts_per_tok / self.config.num_local_experts
+        total = non_embedding = active = 0
+        seen = set()
+        for name, p in self.named_parameters(remove_duplicate=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            if name.startswith(("model.embed_tokens.", "lm_head.")):
+                continue
+            non_embedding += p.numel()
+            active += p.numel() * share if ".mlp.experts." in name else p.numel()
+        return {"total": total, "non_embedding": non_embedding, "active": int(round(active))}
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None, backend=None) -> "M1ForCausalLM":
+        """Load a safetensors checkpoint folder (single file or sharded, either naming scheme)."""
+        from .checkpoint import load_pretrained
+        return load_pretrained(cls, path, dtype=dtype, device=device, backend=backend)
+
+    def save_pretrained(self, path, max_shard_bytes: int = 5 << 30, names: str = "original"):
+        """Write config.json and safetensors shards (original release's names by default)."""
+        from .checkpoint import save_pretrained
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, names=names)
+
+    def generate(self, prompts, **kwargs):
+        """Batched generation with token log-probabilities; see model.generate.generate."""
+        from .generate import generate
+        return generate(self, prompts, **kwargs)

@@ -1,0 +1,426 @@
+"""Public MoE ops: input checks, backend dispatch, torch.library registration (DESIGN.md §4).
+
+    weights, ids = route(x, gate_weight, top_k)                  fp32 softmax, top-k, renormalise
+    x_sorted, sorted_idx, offsets = permute(x, ids, E)           stable expert-contiguous rows
+    y = grouped_gemm(x_sorted, weight, offsets)                  rows offsets[e]:offsets[e+1] use expert e
+    out = unpermute(y_sorted, sorted_idx, weights)               weighted combine, deterministic
+    out = fused_moe(x, gate_weight, gate_up_proj, down_proj, top_k)
+
+Kernel backends (triton_backend; a "cuda" module with the same grouped-GEMM functions plugs in through
+_KERNEL_MODULES) run inside torch.library custom ops with fake tensors and autograd formulas; the
+torch backend is plain differentiable PyTorch and is called directly. Offsets stay on the device: on
+CUDA tensors no op reads a value back to the host (expert ids and offsets are checked on CPU tensors
+only), so a whole MoE forward captures in a CUDA graph.
+"""
+
+import importlib
+from typing import Optional
+
+import torch
+
+from m1_core.dispatch import resolve_backend
+from m1_core.validate import FLOAT_DTYPES, check_shape, check_tensor
+
+from . import torch_backend
+
+# Backends per op, fastest first (see bench/NOTES.md, "MoE (Triton)").
+ROUTE_BACKENDS = ("triton", "torch")
+PERMUTE_BACKENDS = ("triton", "torch")
+GROUPED_GEMM_BACKENDS = ("triton", "cuda", "torch")
+UNPERMUTE_BACKENDS = ("triton", "torch")
+FUSED_MOE_BACKENDS = ("triton", "cuda", "torch")
+
+WEIGHT_LAYOUTS = ("nk", "kn")
+MAX_EXPERTS, MAX_TOP_K = 256, 8
+
+_KERNEL_MODULES = {"triton": "moe_ops.triton_backend", "cuda": "moe_ops.cuda_backend"}
+
+
+def _impl(backend: str):
+    """A kernel backend's module, imported on first use (only inside the custom ops, never traced)."""
+    return importlib.import_module(_KERNEL_MODULES[backend])
+
+
+def _flip(layout: str) -> str:
+    return "kn" if layout == "nk" else "nk"
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library registration: the ops see validated tensors and a resolved backend name.
+
+@torch.library.custom_op("m1_ops::moe_route", mutates_args=())
+def _route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool,
+           backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _impl(backend).route(x, gate_weight, top_k, renormalize)
+
+
+@_route.register_fake
+def _(x, gate_weight, top_k, renormalize, backend):
+    N = x.shape[0]
+    return x.new_empty(N, top_k, dtype=torch.float32), x.new_empty(N, top_k, dtype=torch.int32)
+
+
+def _route_setup_context(ctx, inputs, output):
+    x, gate_weight, top_k, renormalize, backend = inputs
+    ctx.save_for_backward(x, gate_weight, output[1])
+    ctx.renormalize = renormalize
+
+
+def _route_backward(ctx, dweights, _dids):
+    """Softmax -> top-k -> renormalise backward, from recomputed fp32 probabilities ([N, E]: small)."""
+    x, gate_weight, ids = ctx.saved_tensors
+    xf, gf = x.float(), gate_weight.float()
+    probs = torch.softmax(xf @ gf.T, dim=-1)
+    picked = probs.gather(1, ids.long())
+    d_picked = dweights
+    if ctx.renormalize:
+        total = picked.sum(dim=1, keepdim=True)
+        w = picked / total
+        d_picked = (dweights - (dweights * w).sum(dim=1, keepdim=True)) / total
+    d_probs = torch.zeros_like(probs).scatter(1, ids.long(), d_picked)
+    d_logits = probs * (d_probs - (d_probs * probs).sum(dim=1, keepdim=True))
+    dx = (d_logits @ gf).to(x.dtype) if ctx.needs_input_grad[0] else None
+    dgate = (d_logits.T @ xf).to(gate_weight.dtype) if ctx.needs_input_grad[1] else None
+    return dx, dgate, None, None, None
+
+
+_route.register_autograd(_route_backward, setup_context=_route_setup_context)
+
+
+@torch.library.custom_op("m1_ops::moe_permute", mutates_args=())
+def _permute(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int,
+             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _impl(backend).permute(x, expert_ids, num_experts)
+
+
+@_permute.register_fake
+def _(x, expert_ids, num_experts, backend):
+    M = expert_ids.numel()
+    return (x.new_empty(M, x.shape[1]), x.new_empty(M, dtype=torch.int32),
+            x.new_empty(num_experts + 1, dtype=torch.int32))
+
+
+def _permute_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.top_k, ctx.backend = inputs[1].shape[1], inputs[3]
+
+
+def _permute_backward(ctx, dx_sorted, _didx, _doffsets):
+    (sorted_idx,) = ctx.saved_tensors
+    # Each token's k copies sum back: the unweighted combine.
+    return _unpermute(dx_sorted.contiguous(), sorted_idx, None, ctx.top_k, ctx.backend), None, None, None
+
+
+_permute.register_autograd(_permute_backward, setup_context=_permute_setup_context)
+
+
+@torch.library.custom_op("m1_ops::moe_unpermute", mutates_args=())
+def _unpermute(y_sorted: torch.Tensor, sorted_idx: torch.Tensor, weights: Optional[torch.Tensor], top_k: int,
+               backend: str) -> torch.Tensor:
+    return _impl(backend).unpermute(y_sorted, sorted_idx, weights, top_k)
+
+
+@_unpermute.register_fake
+def _(y_sorted, sorted_idx, weights, top_k, backend):
+    return y_sorted.new_empty(sorted_idx.shape[0] // top_k, y_sorted.shape[1])
+
+
+@torch.library.custom_op("m1_ops::moe_unpermute_bwd", mutates_args=())
+def _unpermute_bwd(dout: torch.Tensor, y_sorted: torch.Tensor, sorted_idx: torch.Tensor, weights: torch.Tensor,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _impl(backend).unpermute_backward(dout, y_sorted, sorted_idx, weights)
+
+
+@_unpermute_bwd.register_fake
+def _(dout, y_sorted, sorted_idx, weights, backend):
+    return torch.empty_like(y_sorted), torch.empty_like(weights, dtype=torch.float32)
+
+
+def _unpermute_setup_context(ctx, inputs, output):
+    y_sorted, sorted_idx, weights, top_k, backend = inputs
+    ctx.save_for_backward(y_sorted, sorted_idx, weights)
+    ctx.top_k, ctx.backend = top_k, backend
+
+
+def _unpermute_backward(ctx, dout):
+    y_sorted, sorted_idx, weights = ctx.saved_tensors
+    dout = dout.contiguous()
+    if weights is None:
+        ones = torch.ones(sorted_idx.shape[0] // ctx.top_k, ctx.top_k, dtype=torch.float32, device=dout.device)
+        dy, _ = _unpermute_bwd(dout, y_sorted, sorted_idx, ones, ctx.backend)
+        return dy, None, None, None, None
+    dy, dweights = _unpermute_bwd(dout, y_sorted, sorted_idx, weights, ctx.backend)
+    return dy, None, dweights.to(weights.dtype), None, None
+
+
+_unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup_context)
+
+
+@torch.library.custom_op("m1_ops::moe_grouped_gemm", mutates_args=())
+def _grouped_gemm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, weight_layout: str,
+                  backend: str) -> torch.Tensor:
+    return _impl(backend).grouped_gemm(x, weight, offsets, weight_layout)
+
+
+@_grouped_gemm.register_fake
+def _(x, weight, offsets, weight_layout, backend):
+    return x.new_empty(x.shape[0], weight.shape[1] if weight_layout == "nk" else weight.shape[2])
+
+
+@torch.library.custom_op("m1_ops::moe_grouped_gemm_wgrad", mutates_args=())
+def _grouped_gemm_wgrad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, weight_layout: str,
+                        backend: str) -> torch.Tensor:
+    return _impl(backend).grouped_gemm_weight_grad(x, dy, offsets, weight_layout)
+
+
+@_grouped_gemm_wgrad.register_fake
+def _(x, dy, offsets, weight_layout, backend):
+    E, K, N = offsets.shape[0] - 1, x.shape[1], dy.shape[1]
+    return x.new_empty(E, N, K) if weight_layout == "nk" else x.new_empty(E, K, N)
+
+
+def _gemm_setup_context(ctx, inputs, output):
+    x, weight, offsets, weight_layout, backend = inputs
+    ctx.save_for_backward(x, weight, offsets)
+    ctx.layout, ctx.backend = weight_layout, backend
+
+
+def _gemm_backward(ctx, dy):
+    x, weight, offsets = ctx.saved_tensors
+    dy = dy.contiguous()
+    dx = _grouped_gemm(dy, weight, offsets, _flip(ctx.layout), ctx.backend) if ctx.needs_input_grad[0] else None
+    dw = _grouped_gemm_wgrad(x, dy, offsets, ctx.layout, ctx.backend) if ctx.needs_input_grad[1] else None
+    return dx, dw, None, None, None
+
+
+_grouped_gemm.register_autograd(_gemm_backward, setup_context=_gemm_setup_context)
+
+
+@torch.library.custom_op("m1_ops::moe_expert_mlp", mutates_args=())
+def _expert_mlp(x_sorted: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                offsets: torch.Tensor, save_for_backward: bool,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y = SwiGLU expert MLP of every sorted row; also returns h and [gate | up] for the backward
+    (an empty [0, 2F] tensor when save_for_backward is False: inference writes no pre-activations)."""
+    impl = _impl(backend)
+    h, preact = impl.grouped_gemm_swiglu(x_sorted, gate_up_proj, offsets, save_for_backward)
+    return impl.grouped_gemm(h, down_proj, offsets, "nk"), h, preact
+
+
+@_expert_mlp.register_fake
+def _(x_sorted, gate_up_proj, down_proj, offsets, save_for_backward, backend):
+    M, F = x_sorted.shape[0], down_proj.shape[2]
+    return (x_sorted.new_empty(M, down_proj.shape[1]), x_sorted.new_empty(M, F),
+            x_sorted.new_empty(M if save_for_backward else 0, 2 * F))
+
+
+@torch.library.custom_op("m1_ops::moe_expert_mlp_bwd", mutates_args=())
+def _expert_mlp_bwd(dy: torch.Tensor, x_sorted: torch.Tensor, h: torch.Tensor, preact: torch.Tensor,
+                    gate_up_proj: torch.Tensor, down_proj: torch.Tensor, offsets: torch.Tensor,
+                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _impl(backend)
+    d_preact = impl.grouped_gemm_swiglu_backward(dy, down_proj, offsets, preact)
+    d_down = impl.grouped_gemm_weight_grad(h, dy, offsets, "nk")
+    dx = impl.grouped_gemm(d_preact, gate_up_proj, offsets, "kn")
+    d_gate_up = impl.grouped_gemm_weight_grad(x_sorted, d_preact, offsets, "nk")
+    return dx, d_gate_up, d_down
+
+
+@_expert_mlp_bwd.register_fake
+def _(dy, x_sorted, h, preact, gate_up_proj, down_proj, offsets, backend):
+    return torch.empty_like(x_sorted), torch.empty_like(gate_up_proj), torch.empty_like(down_proj)
+
+
+def _mlp_setup_context(ctx, inputs, output):
+    x_sorted, gate_up_proj, down_proj, offsets, save_for_backward, backend = inputs
+    ctx.save_for_backward(x_sorted, output[1], output[2], gate_up_proj, down_proj, offsets)
+    ctx.saved, ctx.backend = save_for_backward, backend
+
+
+def _mlp_backward(ctx, dy, _dh, _dpreact):
+    if not ctx.saved:
+        raise RuntimeError("moe_expert_mlp ran with save_for_backward=False; it cannot be differentiated")
+    x_sorted, h, preact, gate_up_proj, down_proj, offsets = ctx.saved_tensors
+    dx, d_gate_up, d_down = _expert_mlp_bwd(dy.contiguous(), x_sorted, h, preact, gate_up_proj, down_proj,
+                                            offsets, ctx.backend)
+    return dx, d_gate_up, d_down, None, None, None
+
+
+_expert_mlp.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks
+
+def _check_x(name, x):
+    check_tensor(name, x, ndim=2, dtypes=FLOAT_DTYPES, unit_last_stride=True)
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} must have a positive hidden size, got shape {tuple(x.shape)}")
+
+
+def _check_int(name, value, lo, hi):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+
+
+def _check_gate(gate_weight, x, top_k):
+    check_tensor("gate_weight", gate_weight, ndim=2, dtypes=FLOAT_DTYPES, device=x.device, unit_last_stride=True)
+    E = gate_weight.shape[0]
+    if not 1 <= E <= MAX_EXPERTS:
+        raise ValueError(f"gate_weight must have 1 to {MAX_EXPERTS} experts (rows), got {E}")
+    if gate_weight.shape[1] != x.shape[1]:
+        raise ValueError(f"gate_weight must have shape [E, {x.shape[1]}] (hidden size of x), "
+                         f"got {tuple(gate_weight.shape)}")
+    _check_int("top_k", top_k, 1, min(MAX_TOP_K, E))
+
+
+def _check_expert_ids(expert_ids, N, num_experts, device):
+    check_tensor("expert_ids", expert_ids, ndim=2, dtypes=(torch.int32, torch.int64), device=device)
+    if expert_ids.shape[0] != N:
+        raise ValueError(f"expert_ids must have one row per token ({N}), got shape {tuple(expert_ids.shape)}")
+    _check_int("expert_ids.shape[1] (top_k)", expert_ids.shape[1], 1, MAX_TOP_K)
+    if expert_ids.device.type == "cpu" and expert_ids.numel():
+        lo, hi = int(expert_ids.min()), int(expert_ids.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"expert_ids must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
+
+
+def _check_offsets(offsets, E, M, device):
+    check_tensor("offsets", offsets, ndim=1, dtypes=(torch.int32,), device=device, contiguous=True)
+    check_shape("offsets", offsets, (E + 1,), " ([E + 1], one boundary per expert and the end)")
+    if offsets.device.type == "cpu":
+        values = offsets.tolist()
+        if values[0] != 0 or values[-1] != M or any(b < a for a, b in zip(values[:-1], values[1:])):
+            raise ValueError(f"offsets must rise from 0 to the number of rows {M}, got {values}")
+
+
+def _check_weight(name, weight, x):
+    check_tensor(name, weight, ndim=3, dtypes=(x.dtype,), device=x.device)
+    if weight.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one expert, got shape {tuple(weight.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public API
+
+def route(x, gate_weight, top_k, *, renormalize=True, backend=None):
+    """Router: fp32 logits x @ gate_weight^T, softmax over experts, top-k, optional renormalisation.
+
+    Args:
+        x: [N, H] bf16, fp16 or fp32. gate_weight: [E, H] (any float dtype), E <= 256.
+        top_k: experts per token, 1 <= top_k <= min(8, E).
+        renormalize: rescale the k weights to sum to 1.
+    Returns:
+        (weights [N, k] fp32, expert_ids [N, k] int32), in descending weight order. Differentiable in
+        x and gate_weight through the weights.
+    """
+    _check_x("x", x)
+    _check_gate(gate_weight, x, top_k)
+    backend = resolve_backend("route", backend, ROUTE_BACKENDS, x.device)
+    if backend == "torch":
+        return torch_backend.route(x, gate_weight, top_k, bool(renormalize))
+    return _route(x, gate_weight, top_k, bool(renormalize), backend)
+
+
+def permute(x, expert_ids, num_experts, *, backend=None):
+    """Gather token rows into a stable expert-contiguous order.
+
+    Args:
+        x: [N, H]. expert_ids: [N, k] int32/int64 in [0, num_experts) (checked on CPU tensors only).
+        num_experts: E, 1 <= E <= 256.
+    Returns:
+        (x_sorted [N*k, H], sorted_idx [N*k] int32: the flat token * k + slot entry of each sorted row,
+        offsets [E+1] int32 on x's device: expert e owns rows offsets[e]:offsets[e+1]). Entries of one
+        expert keep their flat order. Differentiable in x.
+    """
+    _check_x("x", x)
+    _check_int("num_experts", num_experts, 1, MAX_EXPERTS)
+    _check_expert_ids(expert_ids, x.shape[0], num_experts, x.device)
+    backend = resolve_backend("permute", backend, PERMUTE_BACKENDS, x.device)
+    if backend == "torch":
+        return torch_backend.permute(x, expert_ids, num_experts)
+    return _permute(x, expert_ids, num_experts, backend)
+
+
+def grouped_gemm(x, weight, offsets, *, weight_layout="nk", backend=None):
+    """Per-expert matmul over contiguous row segments, offsets on the device (no host sync).
+
+    Args:
+        x: [M, K] bf16, fp16 or fp32.
+        weight: [E, N, K] for weight_layout "nk" (y = x W_e^T, as HF stores experts) or [E, K, N] for
+            "kn" (y = x W_e); x's dtype.
+        offsets: [E+1] int32, offsets[0] = 0, non-decreasing, offsets[E] = M (checked on CPU tensors).
+    Returns:
+        y [M, N] in x's dtype (fp32 accumulation). Differentiable in x and weight.
+    """
+    _check_x("x", x)
+    _check_weight("weight", weight, x)
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"weight_layout must be one of {WEIGHT_LAYOUTS}, got {weight_layout!r}")
+    K = weight.shape[2] if weight_layout == "nk" else weight.shape[1]
+    if K != x.shape[1]:
+        raise ValueError(f"weight {tuple(weight.shape)} (layout {weight_layout!r}) does not match x's "
+                         f"{x.shape[1]} columns")
+    _check_offsets(offsets, weight.shape[0], x.shape[0], x.device)
+    backend = resolve_backend("grouped_gemm", backend, GROUPED_GEMM_BACKENDS, x.device)
+    if backend == "torch":
+        return torch_backend.grouped_gemm(x, weight, offsets, weight_layout)
+    return _grouped_gemm(x, weight, offsets, weight_layout, backend)
+
+
+def unpermute(y_sorted, sorted_idx, weights, *, backend=None):
+    """Weighted combine back to token order: out[t] = sum_j weights[t, j] * y_sorted[row of t * k + j].
+
+    Deterministic (a gather through the inverse permutation, then a sum over the k slots in order, in
+    fp32; no atomics).
+
+    Args:
+        y_sorted: [N*k, H]. sorted_idx: [N*k] int32 from permute. weights: [N, k] fp32.
+    Returns:
+        out [N, H] in y_sorted's dtype. Differentiable in y_sorted and weights.
+    """
+    _check_x("y_sorted", y_sorted)
+    check_tensor("weights", weights, ndim=2, dtypes=(torch.float32,), device=y_sorted.device, contiguous=True)
+    N, k = weights.shape
+    _check_int("weights.shape[1] (top_k)", k, 1, MAX_TOP_K)
+    check_tensor("sorted_idx", sorted_idx, ndim=1, dtypes=(torch.int32,), device=y_sorted.device, contiguous=True)
+    check_shape("sorted_idx", sorted_idx, (N * k,), " ([N * k])")
+    check_shape("y_sorted", y_sorted, (N * k, y_sorted.shape[1]), " ([N * k, H])")
+    if sorted_idx.device.type == "cpu" and not torch.equal(
+            torch.sort(sorted_idx).values, torch.arange(N * k, dtype=torch.int32)):
+        raise ValueError("sorted_idx must be a permutation of 0 .. N*k-1")
+    backend = resolve_backend("unpermute", backend, UNPERMUTE_BACKENDS, y_sorted.device)
+    if backend == "torch":
+        return torch_backend.unpermute(y_sorted, sorted_idx, weights)
+    return _unpermute(y_sorted, sorted_idx, weights, k, backend)
+
+
+def fused_moe(x, gate_weight, gate_up_proj, down_proj, top_k, *, renormalize=True, backend=None):
+    """The MoE layer: route, permute, SwiGLU experts as two grouped GEMMs, weighted combine.
+
+    Args:
+        x: [N, H] bf16, fp16 or fp32. gate_weight: [E, H] (any float dtype).
+        gate_up_proj: [E, 2F, H] (gate rows first), down_proj: [E, H, F]; x's dtype.
+        top_k: experts per token (<= min(8, E)). renormalize: rescale the k weights to sum to 1.
+    Returns:
+        out [N, H] in x's dtype; differentiable in x and all weights (gate_weight through the routing
+        weights). No host synchronisation on CUDA: capturable in a CUDA graph.
+    """
+    _check_x("x", x)
+    _check_gate(gate_weight, x, top_k)
+    E, H = gate_weight.shape
+    _check_weight("gate_up_proj", gate_up_proj, x)
+    _check_weight("down_proj", down_proj, x)
+    F = down_proj.shape[2]
+    check_shape("gate_up_proj", gate_up_proj, (E, 2 * F, H), " ([E, 2F, H])")
+    check_shape("down_proj", down_proj, (E, H, F), " ([E, H, F])")
+    backend = resolve_backend("fused_moe", backend, FUSED_MOE_BACKENDS, x.device)
+    if backend == "torch":
+        return torch_backend.fused_moe(x, gate_weight, gate_up_proj, down_proj, top_k, bool(renormalize))
+    weights, ids = _route(x, gate_weight, top_k, bool(renormalize), backend)
+    x_sorted, sorted_idx, offsets = _permute(x, ids, E, backend)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up_proj, down_proj))
+    y_sorted, _, _ = _expert_mlp(x_sorted, gate_up_proj, down_proj, offsets, save, backend)
+    return _unpermute(y_sorted, sorted_idx, weights, top_k, backend)

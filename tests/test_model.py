@@ -1,0 +1,431 @@
+"""The MiniMax-M1 model on the CPU (torch backend, tiny configs): equivalence with `transformers`,
+drop-in replacement, hybrid cache, checkpoints, generation, partial rotary, parameter counts."""
+
+import json
+import os
+
+import pytest
+import torch
+
+try:
+    from lightning_ops import LightningAttention  # noqa: F401
+    from moe_ops import SparseMoE  # noqa: F401
+except ImportError as exc:
+    pytest.skip(f"the model composes lightning_ops.LightningAttention and moe_ops.SparseMoE: {exc}",
+                allow_module_level=True)
+
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from model import M1Config, M1ForCausalLM, replace_hf_modules  # noqa: E402
+from model.generate import generate, main as generate_main, sample_next  # noqa: E402
+from model.modeling import SoftmaxAttention, rotary_cos_sin, apply_partial_rotary  # noqa: E402
+from reference import attention as RA  # noqa: E402
+
+ALPHA = 3.5565588200778455
+
+
+def relative_error(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def tiny_model(preset="tiny", seed=0, **changes):
+    torch.manual_seed(seed)
+    return M1ForCausalLM(M1Config.preset(preset).replace(**changes), backend="torch").eval()
+
+
+def hf_tiny(seed=0):
+    from transformers import MiniMaxConfig, MiniMaxForCausalLM
+    torch.manual_seed(seed)
+    config = MiniMaxConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["linear_attention"] * 3 + ["full_attention"], full_attn_alpha_factor=ALPHA,
+        linear_attn_alpha_factor=ALPHA, mlp_alpha_factor=ALPHA, block_size=16,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e7})
+    model = MiniMaxForCausalLM(config).eval()
+    with torch.no_grad():  # larger weights than the 0.02 init so that the layers do something
+        for name, p in model.named_parameters():
+            if p.ndim > 1:
+                p.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf_tiny")
+    hf = hf_tiny()
+    hf.save_pretrained(folder)
+    return hf, folder
+
+
+# ------------------------------------------------------------------------------------------------------
+# Equivalence with transformers and drop-in replacement
+
+def test_transformers_checkpoint_gives_same_logits_and_greedy_tokens(hf_checkpoint):
+    hf, folder = hf_checkpoint
+    ours = M1ForCausalLM.from_pretrained(folder, backend="torch")
+    assert ours.config.rotary_dim == ours.config.head_dim
+    ids = torch.randint(0, 128, (2, 45), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = ours(ids)
+    assert relative_error(got, expected) <= 1e-4
+    prompt = ids[:, :12]
+    hf_tokens = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False,
+                            pad_token_id=0)[:, 12:]
+    assert ours.generate(prompt.tolist(), max_new_tokens=10).tokens == hf_tokens.tolist()
+
+
+def test_replace_hf_modules_keeps_logits_and_shares_weights():
+    hf = hf_tiny(seed=3)
+    ids = torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(2))
+    prompt = ids[:, :9]
+    with torch.no_grad():
+        before = hf(ids).logits
+    greedy_before = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                                do_sample=False, pad_token_id=0)
+    pointers = {n: p.data_ptr() for n, p in hf.named_parameters()}
+    replace_hf_modules(hf)
+    layer0 = hf.model.layers[0]
+    assert isinstance(layer0.self_attn, LightningAttention) and isinstance(layer0.mlp, SparseMoE)
+    assert {n: p.data_ptr() for n, p in hf.named_parameters()} == pointers, "weights must be shared, names kept"
+    with torch.no_grad():
+        after = hf(ids).logits
+    assert relative_error(after, before) <= 1e-4
+    greedy_after = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                               do_sample=False, pad_token_id=0)
+    assert torch.equal(greedy_after, greedy_before)
+
+
+def test_replace_hf_modules_left_padded_batch():
+    """transformers pads on the left for generation: padded tokens must not touch the lightning state."""
+    hf = hf_tiny(seed=4)
+    ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        before = hf(ids, attention_mask=mask).logits
+        replace_hf_modules(hf)
+        after = hf(ids, attention_mask=mask).logits
+    assert relative_error(after[1, 4:], before[1, 4:]) <= 1e-4
+    assert relative_error(after[0], before[0]) <= 1e-4
+
+
+def test_replace_hf_modules_trains_through_the_default_cache():
+    """transformers builds a MiniMaxCache even in a training forward (use_cache defaults to True)."""
+    hf = hf_tiny(seed=6)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(6))
+    expected = hf(ids, labels=ids)
+    expected.loss.backward()
+    grads = {n: p.grad.clone() for n, p in hf.named_parameters() if p.grad is not None}
+    hf.zero_grad()
+    replace_hf_modules(hf)
+    got = hf(ids, labels=ids)
+    got.loss.backward()
+    assert abs(got.loss.item() - expected.loss.item()) <= 1e-5 * abs(expected.loss.item())
+    for n, g in grads.items():
+        assert relative_error(dict(hf.named_parameters())[n].grad, g) <= 1e-3, n
+    with torch.no_grad():    # and the cache it built continues the sequence (positions given: transformers
+        # would read the past length from layer 0, a lightning layer without keys)
+        step = hf(ids[:, -1:], past_key_values=got.past_key_values, use_cache=True,
+                  position_ids=torch.full((2, 1), 12)).logits
+        full = hf(torch.cat([ids, ids[:, -1:]], dim=1), use_cache=False).logits[:, -1:]
+    assert relative_error(step, full) <= 1e-4
+
+
+def test_replace_hf_modules_rejects_other_models():
+    with pytest.raises(TypeError, match="MiniMaxForCausalLM"):
+        replace_hf_modules(torch.nn.Linear(2, 2))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Partial rotary and softmax attention against reference/attention.py
+
+def test_softmax_layer_partial_rotary_matches_reference():
+    config = M1Config.preset("tiny")          # rotary on 8 of 16 dims per head
+    assert config.rotary_dim < config.head_dim
+    torch.manual_seed(0)
+    attn = SoftmaxAttention(config, layer_idx=3).double()
+    B, T = 2, 13
+    x = torch.randn(B, T, config.hidden_size, dtype=torch.float64)
+    positions = torch.arange(T)
+    q = attn.q_proj(x).view(B, T, 4, 16)
+    k = attn.k_proj(x).view(B, T, 2, 16)
+    v = attn.v_proj(x).view(B, T, 2, 16)
+    q = RA.apply_partial_rotary(q, positions, config.rotary_dim, config.rope_theta)
+    k = RA.apply_partial_rotary(k, positions, config.rotary_dim, config.rope_theta)
+    expected = attn.o_proj(RA.softmax_attention(q, k, v).reshape(B, T, -1))
+    cos, sin = rotary_cos_sin(positions.expand(B, T), config.rotary_dim, config.rope_theta)
+    with torch.no_grad():
+        got = attn(x, cos.double(), sin.double())
+    assert relative_error(got, expected) <= 1e-6
+
+
+def test_rotary_leaves_the_pass_through_dims_alone():
+    x = torch.randn(1, 5, 2, 16)
+    cos, sin = rotary_cos_sin(torch.arange(5)[None] + 10 ** 6, 8, 1e7)
+    out = apply_partial_rotary(x, cos, sin)
+    assert torch.equal(out[..., 8:], x[..., 8:])
+    # a rotation: the norm of each rotated pair is kept
+    assert torch.allclose(out[..., :8].norm(dim=-1), x[..., :8].norm(dim=-1), rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Hybrid cache
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-full-rotary"])
+def test_prefill_then_decode_matches_full_forward_for_ragged_batch(preset):
+    model = tiny_model(preset)
+    lengths = [21, 9, 14]
+    ids = torch.randint(0, 128, (3, max(lengths)), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(num_slots=4, max_len=32)
+        prompt = [6, 3, 1]
+        out = model(ids, cache=cache, slot_idx=[2, 0, 3], lengths=prompt)   # padded rows, scattered slots
+        for b, n in enumerate(prompt):
+            assert relative_error(out[b, :n], full[b, :n]) <= 1e-5
+        slot_of = {0: 2, 1: 0, 2: 3}
+        while True:
+            rows = [b for b in range(3) if int(cache.seq_lens[slot_of[b]]) < lengths[b]]
+            if not rows:
+                break
+            pos = [int(cache.seq_lens[slot_of[b]]) for b in rows]
+            step = model(torch.stack([ids[b, p] for b, p in zip(rows, pos)])[:, None], cache=cache,
+                         slot_idx=[slot_of[b] for b in rows])
+            for j, (b, p) in enumerate(zip(rows, pos)):
+                assert relative_error(step[j, 0], full[b, p]) <= 1e-5, (b, p)
+    assert cache.seq_lens.tolist() == [9, 0, 21, 14]
+
+
+def test_chunked_prefill_matches_full_forward():
+    model = tiny_model()
+    ids = torch.randint(0, 128, (2, 30), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2, 30)
+        first = model(ids[:, :11], cache=cache)
+        second = model(ids[:, 11:], cache=cache)
+    assert relative_error(torch.cat([first, second], dim=1), full) <= 1e-5
+
+
+def test_cache_rejects_bad_steps():
+    model = tiny_model()
+    cache = model.new_cache(2, 8)
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="out of range"):
+        model(ids, cache=cache, slot_idx=[0, 2])
+    with pytest.raises(ValueError, match="names a slot twice"):
+        model(ids, cache=cache, slot_idx=[1, 1])
+    with pytest.raises(ValueError, match="lengths"):
+        model(ids, cache=cache, lengths=[5, 1])
+    with pytest.raises(ValueError, match="on the host"):
+        model(ids, cache=cache, slot_idx=torch.tensor([0, 1], device="meta"))
+    model(ids, cache=cache)
+    model(ids, cache=cache)
+    with pytest.raises(ValueError, match="holds at most 8"):
+        model(ids[:, :1], cache=cache)
+    cache.reset([0])
+    assert cache.seq_lens.tolist() == [0, 8]
+    assert cache.lightning_states[0][0].abs().sum() == 0 and cache.lightning_states[0][1].abs().sum() > 0
+
+
+def test_cache_state_is_fp32_and_kv_in_model_dtype():
+    model = tiny_model().cast_parameters(torch.bfloat16)
+    cache = model.new_cache(1, 4)
+    assert all(s.dtype == torch.float32 for s in cache.lightning_states.values())
+    assert all(k.dtype == torch.bfloat16 for k in cache.keys.values())
+    assert sorted(cache.lightning_states) == [0, 1, 2] and sorted(cache.keys) == [3]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+@pytest.mark.parametrize("names", ["original", "transformers"])
+@pytest.mark.parametrize("shard_bytes", [1 << 30, 40_000])
+def test_checkpoint_round_trip(names, shard_bytes, tmp_path):
+    model = tiny_model(seed=5)
+    model.save_pretrained(tmp_path, max_shard_bytes=shard_bytes, names=names)
+    files = sorted(os.listdir(tmp_path))
+    if shard_bytes < 1 << 30:
+        assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
+    else:
+        assert "model.safetensors" in files
+    keys = set()
+    for f in files:
+        if f.endswith(".safetensors"):
+            with safe_open(tmp_path / f, "pt") as h:
+                keys |= set(h.keys())
+    if names == "original":
+        assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in keys
+        assert not any(".mlp." in k for k in keys)
+    else:
+        assert "model.layers.0.mlp.experts.gate_up_proj" in keys
+    back = M1ForCausalLM.from_pretrained(tmp_path, backend="torch")
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), back.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+def test_checkpoint_dtype_and_device(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "float32"
+    back = M1ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cpu")
+    assert {p.dtype for p in back.parameters()} == {torch.bfloat16}
+    assert torch.equal(back.lm_head.weight, model.lm_head.weight.bfloat16())
+
+
+def _rewrite(folder, edit):
+    path = folder / "model.safetensors"
+    with safe_open(path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors)
+    save_file(tensors, path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("model.norm.weight"), r"missing keys: model\.norm\.weight"),
+    (lambda t: t.pop("model.layers.1.block_sparse_moe.experts.2.w3.weight"),
+     r"missing keys: model\.layers\.1\.mlp\.experts\.gate_up_proj\[expert 2 w3\]"),
+    (lambda t: t.update({"model.layers.0.self_attn.extra.weight": torch.zeros(2)}),
+     r"unexpected keys: model\.layers\.0\.self_attn\.extra\.weight"),
+    (lambda t: t.update({"model.layers.9.input_layernorm.weight": torch.zeros(64)}),
+     r"unexpected keys: model\.layers\.9\.input_layernorm\.weight"),
+    (lambda t: t.update({"lm_head.weight": torch.zeros(128, 32)}),
+     r"shape mismatches: lm_head\.weight: checkpoint \(128, 32\) vs model \(128, 64\)"),
+    (lambda t: t.update({"model.layers.2.block_sparse_moe.experts.0.w1.weight": torch.zeros(16, 64)}),
+     r"model\.layers\.2\.block_sparse_moe\.experts\.0\.w1\.weight: checkpoint \(16, 64\) vs model \(32, 64\)"),
+])
+def test_checkpoint_errors_name_the_keys(edit, message, tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    _rewrite(tmp_path, edit)
+    with pytest.raises(ValueError, match=message):
+        M1ForCausalLM.from_pretrained(tmp_path)
+
+
+def test_checkpoint_missing_files(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        M1ForCausalLM.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Generation
+
+def test_greedy_generation_follows_the_full_forward():
+    model = tiny_model(seed=1)
+    prompts = [[5, 9, 2, 7, 7, 1], [3], [8, 8, 8]]
+    out = generate(model, prompts, max_new_tokens=6)
+    assert out.finish_reasons == ["length"] * 3
+    with torch.no_grad():
+        for p, toks, lps in zip(prompts, out.tokens, out.logprobs):
+            seq = torch.tensor([p + toks])
+            logp = torch.log_softmax(model(seq)[0].float(), dim=-1)
+            for i, t in enumerate(toks):
+                row = logp[len(p) - 1 + i]
+                assert t == int(row.argmax())
+                assert abs(lps[i] - row[t].item()) <= 1e-5
+
+
+def test_sampling_is_reproducible_and_logprobs_are_of_the_raw_model():
+    model = tiny_model(seed=2)
+    kw = dict(max_new_tokens=5, temperature=1.3, top_k=20, top_p=0.9)
+    a = generate(model, [[1, 2, 3], [4]], generator=torch.Generator().manual_seed(0), **kw)
+    b = generate(model, [[1, 2, 3], [4]], generator=torch.Generator().manual_seed(0), **kw)
+    assert a.tokens == b.tokens and a.logprobs == b.logprobs
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([[1, 2, 3] + a.tokens[0]]))[0].float(), dim=-1)
+    assert all(abs(lp - logp[2 + i, t].item()) <= 1e-5 for i, (t, lp) in enumerate(zip(a.tokens[0], a.logprobs[0])))
+
+
+def test_stop_tokens_end_rows_and_are_kept():
+    model = tiny_model(seed=1)
+    free = generate(model, [[5, 9, 2], [3, 3]], max_new_tokens=6)
+    stop = free.tokens[0][2]
+    out = generate(model, [[5, 9, 2], [3, 3]], max_new_tokens=6, stop_tokens=[stop])
+    assert out.tokens[0] == free.tokens[0][:3] and out.finish_reasons[0] == "stop"
+    first = free.tokens[1].index(stop) + 1 if stop in free.tokens[1] else 6
+    assert out.tokens[1] == free.tokens[1][:first]
+
+
+def test_repetition_stop():
+    model = tiny_model(seed=1)
+    out = generate(model, [[1, 2]], max_new_tokens=10, repetition_stop=(4, 0.0))
+    assert out.finish_reasons == ["repetition"] and len(out.tokens[0]) == 4
+    out = generate(model, [[1, 2]], max_new_tokens=10, repetition_stop=(2, 0.999999))
+    assert out.finish_reasons == ["length"] and len(out.tokens[0]) == 10
+
+
+def test_sample_next_filters():
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, 1.0, top_k=2, generator=g).tolist()) == {1, 2}
+    probs = torch.softmax(logits[0], -1)                      # 0.64, 0.24, ...: top_p 0.7 keeps two tokens
+    assert probs[1] < 0.7 < probs[1] + probs[2]
+    assert set(sample_next(logits, 1.0, top_p=0.7, generator=g).tolist()) == {1, 2}
+    assert set(sample_next(logits, 1.0, top_p=0.5, generator=g).tolist()) == {1}
+    assert torch.equal(sample_next(logits, 0.0), torch.ones(2000, dtype=torch.long))
+    with pytest.raises(ValueError, match="top_p"):
+        sample_next(logits, 1.0, top_p=0.0)
+
+
+def test_generation_rejects_bad_arguments():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="non-empty"):
+        generate(model, [[1], []])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, [[1]], max_new_tokens=0)
+    with pytest.raises(ValueError, match="repetition_stop"):
+        generate(model, [[1]], repetition_stop=(0, 0.5))
+
+
+def test_command_line(capsys, tmp_path):
+    generate_main(["--preset", "tiny", "--prompt", "1,2,3", "--prompt", "4", "--max-new-tokens", "3"])
+    text = capsys.readouterr().out
+    assert "prompt [1, 2, 3] ->" in text and "tokens/s" in text
+    tiny_model().save_pretrained(tmp_path)
+    generate_main(["--checkpoint", str(tmp_path), "--max-new-tokens", "2", "--temperature", "0.7"])
+    assert "prompt [1, 2, 3, 4] ->" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------------
+# Model-level properties
+
+def test_parameter_counts_of_the_real_model_on_meta():
+    with torch.device("meta"):
+        model = M1ForCausalLM(M1Config.preset("minimax-m1"))
+    counts = model.parameter_counts()
+    assert round(counts["total"] / 1e9, 2) == 456.09
+    assert round(counts["active"] / 1e9, 2) == 45.94
+    assert counts["total"] - counts["non_embedding"] == 2 * 200064 * 6144
+
+
+def test_lm_head_fp32_and_tied_embeddings():
+    model = tiny_model(lm_head_fp32=True).cast_parameters(torch.bfloat16)
+    ids = torch.randint(0, 128, (1, 5))
+    with torch.no_grad():
+        logits = model(ids)
+    assert logits.dtype == torch.float32
+    tied = tiny_model(tie_word_embeddings=True)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+
+
+def test_last_token_only_picks_each_rows_last_valid_token():
+    model = tiny_model()
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        full = model(ids)
+        last = model(ids, lengths=[7, 3], last_token_only=True)
+    assert torch.allclose(last[0], full[0, 6]) and torch.allclose(last[1], full[1, 2])
+
+
+def test_gradients_flow_to_every_parameter():
+    model = tiny_model().train()
+    ids = torch.randint(0, 128, (2, 9))
+    loss = torch.nn.functional.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    # every expert is used by some of 18 tokens x top-2 of 4 with high probability; router and all matrices get grads
+    assert not [n for n in no_grad if "experts" not in n], no_grad

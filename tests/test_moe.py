@@ -1,0 +1,418 @@
+"""MoE ops (route, permute, grouped_gemm, unpermute, fused_moe), every backend, against reference/moe.py
+in float64: outputs and gradients, with uniform, skewed (Zipf), all-to-one-expert, empty-expert and
+single-token routings; structural properties (stable permutation, round trip, grouped GEMM == loop);
+bad inputs; opcheck and torch.compile of the custom ops; CUDA-graph capture on the GPU.
+
+Each test runs once per backend the op implements: "torch" everywhere, "triton" on the GPU and under
+the Triton interpreter on the CPU (tiny shapes, fp32/fp16: the interpreter mishandles bf16 dots).
+"""
+
+import math
+import os
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import assume, given, strategies as st
+
+import moe_ops
+from m1_core.dispatch import backend_error
+from moe_ops import ops
+from numerics import DEVICE, assert_within_2x, nan_filled_outputs
+from reference import moe as RM
+
+ON_GPU = DEVICE.type == "cuda"
+ROUTINGS = ["uniform", "zipf", "one_expert", "empty_experts"]
+# Shapes cross the kernels' tile edges (16/32 rows and columns in the interpreter config).
+HIDDEN = [32, 40] if not ON_GPU else [64, 200, 512]
+FFN = [8, 32] if not ON_GPU else [32, 136, 384]
+
+
+def _use(backend, implemented):
+    if backend not in implemented:
+        pytest.skip(f"{backend} backend not implemented for this op")
+    why = backend_error(backend, DEVICE)
+    if why:
+        pytest.skip(why)
+    return backend
+
+
+BACKENDS = [pytest.param(b, id=b, marks=[pytest.mark.gpu] if b == "cuda" else []) for b in ("torch", "triton", "cuda")]
+
+
+def _dtypes(backend):
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU or backend == "torch" else [])
+
+
+def make_moe(N, H, F, E, k, routing, seed):
+    """float64 CPU tensors (x, gate, gate_up, down) whose router produces the asked-for routing."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, H, dtype=torch.float64, generator=g)
+    gate = torch.randn(E, H, dtype=torch.float64, generator=g) / math.sqrt(H)
+    # A constant input feature turns gate column 0 into a per-expert bias that shapes the routing.
+    x[:, 0] = 1.0
+    e = torch.arange(E, dtype=torch.float64)
+    if routing == "zipf":
+        gate[:, 0] = -1.5 * torch.log1p(e)                     # p(e) ~ 1 / (e + 1)^1.5
+    elif routing == "one_expert":
+        gate[:, 0] = torch.where(e < k, 30.0 - e, -30.0)       # every token picks experts 0..k-1
+    elif routing == "empty_experts":
+        gate[:, 0] = torch.where(e % 2 == 1, -30.0, 0.0)       # odd experts (when even ones suffice) stay empty
+        if (E + 1) // 2 < k:
+            gate[:, 0] = 0.0
+    gate_up = torch.randn(E, 2 * F, H, dtype=torch.float64, generator=g) / math.sqrt(H)
+    down = torch.randn(E, H, F, dtype=torch.float64, generator=g) / math.sqrt(F)
+    return x, gate, gate_up, down
+
+
+def routing_margin(x, gate, k):
+    """Gap between the k-th and (k+1)-th router probability: near-ties may pick different experts in
+    different precisions, which is not an error."""
+    probs = torch.softmax(x.double() @ gate.double().T, dim=-1)
+    if k == probs.shape[1]:
+        return math.inf
+    top = probs.topk(k + 1, dim=-1).values
+    return (top[:, k - 1] - top[:, k]).min().item() if probs.shape[0] else math.inf
+
+
+def to_dev(tensors, dtype):
+    return [t.to(device=DEVICE, dtype=dtype) for t in tensors]
+
+
+# ---------------------------------------------------------------------------------------------------
+# fused_moe
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data())
+def test_fused_moe_forward_matches_reference(backend, data):
+    _use(backend, ops.FUSED_MOE_BACKENDS)
+    N = data.draw(st.sampled_from([1, 2, 7, 33] if not ON_GPU else [1, 7, 100, 513]), label="N")
+    E = data.draw(st.sampled_from([1, 2, 5, 8]), label="E")
+    k = data.draw(st.integers(1, min(E, 3)), label="k")
+    H, F = data.draw(st.sampled_from(HIDDEN), label="H"), data.draw(st.sampled_from(FFN), label="F")
+    routing = data.draw(st.sampled_from(ROUTINGS), label="routing")
+    dtype = data.draw(st.sampled_from(_dtypes(backend)), label="dtype")
+    tma = data.draw(st.sampled_from(["1", "0"]), label="M1_MOE_TMA")   # TMA descriptors or pointer loads
+    tensors = make_moe(N, H, F, E, k, routing, data.draw(st.integers(0, 2**16)))
+    lo = [t.to(dtype) for t in tensors]
+    assume(routing_margin(lo[0], lo[1], k) > 1e-3)
+    with nan_filled_outputs(), mock.patch.dict(os.environ, {"M1_MOE_TMA": tma}):
+        out = moe_ops.fused_moe(*to_dev(lo, dtype), k, backend=backend)
+    assert out.dtype == dtype and out.shape == (N, H)
+    ref = RM.moe(*[t.double() for t in lo], k)
+    base_dtype = torch.float32 if dtype == torch.float16 else dtype
+    base = RM.moe(*[t.to(base_dtype) for t in lo], k)
+    assert_within_2x("out", out.cpu(), ref, base.to(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(N=st.sampled_from([1, 5, 20]), E=st.sampled_from([1, 3, 6]), k=st.integers(1, 2),
+       routing=st.sampled_from(ROUTINGS), renormalize=st.booleans(), seed=st.integers(0, 2**16))
+def test_fused_moe_gradients_match_reference(backend, N, E, k, routing, renormalize, seed):
+    _use(backend, ops.FUSED_MOE_BACKENDS)
+    k = min(k, E)
+    H, F = HIDDEN[-1], FFN[-1]
+    tensors = make_moe(N, H, F, E, k, routing, seed)
+    assume(routing_margin(tensors[0], tensors[1], k) > 1e-3)
+    dout = torch.randn(N, H, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+
+    def grads(fn, dtype, device):
+        leaves = [t.detach().to(device=device, dtype=dtype).requires_grad_() for t in tensors]
+        out = fn(*leaves)
+        out.backward(dout.to(out))
+        return [t.grad for t in leaves]
+
+    def ours(*t):
+        with nan_filled_outputs():
+            return moe_ops.fused_moe(*t, k, renormalize=renormalize, backend=backend)
+
+    got = grads(ours, torch.float32, DEVICE)
+    truth = grads(lambda *t: RM.moe(*t, k, renormalize), torch.float64, "cpu")
+    base = grads(lambda *t: RM.moe(*t, k, renormalize), torch.float32, "cpu")
+    for name, a, t, b in zip(["dx", "dgate", "dgate_up", "ddown"], got, truth, base):
+        assert_within_2x(name, a.cpu(), t, b, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# route
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(N=st.sampled_from([1, 3, 17, 40]), E=st.sampled_from([1, 2, 7, 32, 64, 256]), k=st.integers(1, 8),
+       renormalize=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**16))
+def test_route_matches_reference(backend, N, E, k, renormalize, dtype, seed):
+    _use(backend, ops.ROUTE_BACKENDS)
+    k = min(k, E)
+    x, gate, _, _ = make_moe(N, 24, 1, E, k, "zipf", seed)
+    x = x.to(dtype)
+    assume(routing_margin(x, gate.float(), k) > 1e-4)
+    with nan_filled_outputs():
+        w, ids = moe_ops.route(x.to(DEVICE), gate.float().to(DEVICE), k, renormalize=renormalize, backend=backend)
+    assert w.dtype == torch.float32 and ids.dtype == torch.int32
+    w_ref, ids_ref = RM.route(x.double(), gate.float().double(), k, renormalize)
+    assert torch.equal(ids.cpu().long(), ids_ref)
+    torch.testing.assert_close(w.cpu().double(), w_ref, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# permute / unpermute
+
+def _random_ids(N, k, E, routing, g):
+    if routing == "one_expert":
+        return torch.arange(k).repeat(N, 1)
+    if routing == "zipf":
+        p = 1.0 / (torch.arange(E, dtype=torch.float64) + 1) ** 1.5
+    else:
+        p = torch.ones(E, dtype=torch.float64)
+        if routing == "empty_experts" and E >= 2 * k:
+            p[1::2] = 0
+    if N == 0:
+        return torch.zeros(0, k, dtype=torch.long)
+    return torch.stack([torch.multinomial(p, k, generator=g) for _ in range(N)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(N=st.sampled_from([0, 1, 6, 50, 300]), E=st.sampled_from([1, 3, 16, 40, 256]), k=st.integers(1, 8),
+       routing=st.sampled_from(ROUTINGS), seed=st.integers(0, 2**16))
+def test_permute_is_a_stable_expert_sort_and_unpermute_inverts_it(backend, N, E, k, routing, seed):
+    _use(backend, ops.PERMUTE_BACKENDS)
+    k = min(k, E)
+    g = torch.Generator().manual_seed(seed)
+    ids = _random_ids(N, k, E, routing, g).to(torch.int32)
+    x = torch.randn(N, 24, generator=g)
+    with nan_filled_outputs():
+        x_sorted, sorted_idx, offsets = moe_ops.permute(x.to(DEVICE), ids.to(DEVICE), E, backend=backend)
+    flat = ids.reshape(-1).long()
+    expected_order = torch.sort(flat, stable=True).indices
+    assert torch.equal(sorted_idx.cpu().long(), expected_order)
+    counts = torch.bincount(flat, minlength=E)
+    assert torch.equal(offsets.cpu().long(), torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
+    assert torch.equal(x_sorted.cpu(), x[expected_order // k])
+    # Round trip: a one-hot weight on a random slot gives back x exactly.
+    slot = torch.randint(0, k, (N,), generator=g)
+    one_hot = torch.nn.functional.one_hot(slot, k).float() if N else torch.zeros(0, k)
+    with nan_filled_outputs():
+        back = moe_ops.unpermute(x_sorted, sorted_idx, one_hot.to(DEVICE), backend=backend)
+    assert torch.equal(back.cpu(), x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(N=st.sampled_from([1, 4, 33]), k=st.integers(1, 4), H=st.sampled_from([8, 40]),
+       dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**16))
+def test_unpermute_matches_loop_with_gradients(backend, N, k, H, dtype, seed):
+    _use(backend, ops.UNPERMUTE_BACKENDS)
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(N * k, H, generator=g, dtype=torch.float64)
+    sorted_idx = torch.randperm(N * k, generator=g).to(torch.int32)
+    w = torch.rand(N, k, generator=g, dtype=torch.float64)
+    dout = torch.randn(N, H, generator=g, dtype=torch.float64)
+
+    def loop(y_, w_):
+        rows = torch.empty(N * k, dtype=torch.long)
+        rows[sorted_idx.long()] = torch.arange(N * k)
+        return sum(w_[:, j, None] * y_[rows.view(N, k)[:, j]] for j in range(k))
+
+    y_d = y.to(DEVICE, dtype).requires_grad_()
+    w_d = w.to(DEVICE, torch.float32).requires_grad_()
+    with nan_filled_outputs():
+        out = moe_ops.unpermute(y_d, sorted_idx.to(DEVICE), w_d, backend=backend)
+        out.backward(dout.to(DEVICE, dtype))
+    y64, w64 = y.to(dtype).double().requires_grad_(), w.float().double().requires_grad_()
+    ref = loop(y64, w64)
+    ref.backward(dout.to(dtype).double())
+    y32, w32 = y.to(dtype).float().requires_grad_(), w.float().requires_grad_()
+    base = loop(y32, w32)
+    base.backward(dout.to(dtype).float())
+    assert_within_2x("out", out.detach().cpu(), ref.detach(), base.detach().to(dtype))
+    assert_within_2x("dy", y_d.grad.cpu(), y64.grad, y32.grad.to(dtype))
+    assert_within_2x("dweights", w_d.grad.cpu(), w64.grad, w32.grad, atol=1e-3 if dtype == torch.float16 else None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# grouped_gemm
+
+def _random_offsets(M, E, kind, g):
+    if kind == "one_expert":
+        counts = torch.zeros(E, dtype=torch.long)
+        counts[torch.randint(0, E, (1,), generator=g)] = M
+    else:
+        cut = torch.sort(torch.randint(0, M + 1, (E - 1,), generator=g)).values
+        counts = torch.diff(torch.cat([torch.tensor([0]), cut, torch.tensor([M])]))
+    return torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32)
+
+
+def gemm_loop(x, weight, offsets, layout):
+    out = []
+    bounds = offsets.tolist()
+    for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        w = weight[e].T if layout == "nk" else weight[e]
+        out.append(x[a:b] @ w)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(M=st.sampled_from([0, 1, 17, 70] if not ON_GPU else [1, 17, 300, 2049]), E=st.sampled_from([1, 2, 5]),
+       K=st.sampled_from([40, 64] if not ON_GPU else [64, 264]),
+       N=st.sampled_from([8, 33, 64] if not ON_GPU else [64, 136]),
+       layout=st.sampled_from(["nk", "kn"]), kind=st.sampled_from(["random", "one_expert"]),
+       dtype=st.sampled_from([torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])),
+       tma=st.sampled_from(["1", "0"]), seed=st.integers(0, 2**16))
+def test_grouped_gemm_equals_per_expert_loop(backend, M, E, K, N, layout, kind, dtype, tma, seed):
+    _use(backend, ops.GROUPED_GEMM_BACKENDS)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g, dtype=torch.float64).to(dtype)
+    w = (torch.randn(E, N, K, generator=g, dtype=torch.float64) / math.sqrt(K)).to(dtype)
+    if layout == "kn":
+        w = w.transpose(1, 2).contiguous()
+    offsets = _random_offsets(M, E, kind, g)
+    dy = torch.randn(M, N, generator=g, dtype=torch.float64).to(dtype)
+    x_d, w_d = x.to(DEVICE).clone().requires_grad_(), w.to(DEVICE).clone().requires_grad_()
+    with nan_filled_outputs(), mock.patch.dict(os.environ, {"M1_MOE_TMA": tma}):
+        y = moe_ops.grouped_gemm(x_d, w_d, offsets.to(DEVICE), weight_layout=layout, backend=backend)
+        y.backward(dy.to(DEVICE))
+    assert y.dtype == dtype and y.shape == (M, N)
+    base_dtype = torch.float32 if dtype == torch.float16 else dtype
+    leaves64 = [x.double().requires_grad_(), w.double().requires_grad_()]
+    ref = gemm_loop(*leaves64, offsets, layout)
+    ref.backward(dy.double())
+    leaves_b = [x.to(base_dtype).requires_grad_(), w.to(base_dtype).requires_grad_()]
+    base = gemm_loop(*leaves_b, offsets, layout)
+    base.backward(dy.to(base_dtype))
+    assert_within_2x("y", y.detach().cpu(), ref.detach(), base.detach().to(dtype))
+    assert_within_2x("dx", x_d.grad.cpu(), leaves64[0].grad, leaves_b[0].grad.to(dtype))
+    assert_within_2x("dweight", w_d.grad.cpu(), leaves64[1].grad, leaves_b[1].grad.to(dtype))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad inputs
+
+def test_bad_inputs_are_rejected():
+    x, gate, gate_up, down = to_dev(make_moe(4, 16, 8, 3, 2, "uniform", 0), torch.float32)
+    ids = torch.zeros(4, 2, dtype=torch.int32, device=DEVICE)
+    offsets = torch.tensor([0, 4, 4, 4], dtype=torch.int32, device=DEVICE)
+    cases = [
+        (TypeError, "x", lambda: moe_ops.route(x.long(), gate, 2)),
+        (ValueError, "gate_weight", lambda: moe_ops.route(x, gate[:, :8], 2)),
+        (ValueError, "top_k", lambda: moe_ops.route(x, gate, 4)),
+        (TypeError, "top_k", lambda: moe_ops.route(x, gate, 2.0)),
+        (ValueError, "num_experts", lambda: moe_ops.permute(x, ids, 0)),
+        (ValueError, "expert_ids", lambda: moe_ops.permute(x, ids[:3], 3)),
+        (TypeError, "expert_ids", lambda: moe_ops.permute(x, ids.float(), 3)),
+        (ValueError, "weight_layout", lambda: moe_ops.grouped_gemm(x, gate_up, offsets, weight_layout="mk")),
+        (ValueError, "weight", lambda: moe_ops.grouped_gemm(x, down, offsets)),
+        (TypeError, "weight", lambda: moe_ops.grouped_gemm(x, gate_up.half(), offsets)),
+        (ValueError, "offsets", lambda: moe_ops.grouped_gemm(x, gate_up, offsets[:3])),
+        (TypeError, "offsets", lambda: moe_ops.grouped_gemm(x, gate_up, offsets.long())),
+        (ValueError, "x", lambda: moe_ops.grouped_gemm(x.t(), gate_up[:, :, :4].contiguous(), offsets)),
+        (TypeError, "weights", lambda: moe_ops.unpermute(x.repeat(2, 1), ids.view(-1),
+                                                         torch.ones(4, 2, device=DEVICE).half())),
+        (ValueError, "sorted_idx", lambda: moe_ops.unpermute(x.repeat(2, 1), ids.view(-1)[:7],
+                                                            torch.ones(4, 2, device=DEVICE))),
+        (ValueError, "down_proj", lambda: moe_ops.fused_moe(x, gate, gate_up, down[:, :8], 2)),
+        (ValueError, "gate_up_proj", lambda: moe_ops.fused_moe(x, gate, gate_up[:, :6], down, 2)),
+        (TypeError, "down_proj", lambda: moe_ops.fused_moe(x, gate, gate_up, down.half(), 2)),
+        (ValueError, "backend", lambda: moe_ops.fused_moe(x, gate, gate_up, down, 2, backend="jax")),
+    ]
+    if DEVICE.type == "cpu":
+        cases += [
+            (ValueError, "expert_ids", lambda: moe_ops.permute(x, ids + 3, 3)),
+            (ValueError, "offsets", lambda: moe_ops.grouped_gemm(x, gate_up, torch.tensor([0, 3, 2, 4]).int())),
+            (ValueError, "offsets", lambda: moe_ops.grouped_gemm(x, gate_up, torch.tensor([0, 1, 2, 3]).int())),
+            (ValueError, "sorted_idx", lambda: moe_ops.unpermute(x.repeat(2, 1), ids.view(-1), torch.ones(4, 2))),
+        ]
+    for exc, name, call in cases:
+        with pytest.raises(exc, match=name):
+            call()
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library: opcheck, torch.compile
+
+KERNELS = BACKENDS[1:]
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_opcheck(backend):
+    _use(backend, ops.FUSED_MOE_BACKENDS)
+    x, gate, gate_up, down = to_dev(make_moe(6, 16, 8, 3, 2, "zipf", 1), torch.float32)
+    for t in (x, gate, gate_up, down):
+        t.requires_grad_()
+    weights, ids = ops._route(x, gate, 2, True, backend)
+    x_sorted, sorted_idx, offsets = ops._permute(x, ids, 3, backend)
+    torch.library.opcheck(ops._route, (x, gate, 2, True, backend))
+    torch.library.opcheck(ops._permute, (x, ids, 3, backend))
+    torch.library.opcheck(ops._grouped_gemm, (x_sorted.detach().requires_grad_(), gate_up, offsets, "nk", backend))
+    torch.library.opcheck(ops._grouped_gemm, (x_sorted.detach(), gate_up.transpose(1, 2).contiguous(), offsets,
+                                              "kn", backend))
+    torch.library.opcheck(ops._expert_mlp, (x_sorted.detach().requires_grad_(), gate_up, down, offsets, True, backend))
+    y = x_sorted.detach().requires_grad_()
+    torch.library.opcheck(ops._unpermute, (y, sorted_idx, weights.detach().requires_grad_(), 2, backend))
+    torch.library.opcheck(ops._unpermute, (y, sorted_idx, None, 2, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile(backend):
+    _use(backend, ops.FUSED_MOE_BACKENDS)
+    x, gate, gate_up, down = to_dev(make_moe(9, 16, 8, 4, 2, "uniform", 2), torch.float32)
+    x.requires_grad_()
+
+    def f(x_):
+        return moe_ops.fused_moe(x_, gate, gate_up, down, 2, backend=backend)
+
+    compiled = torch.compile(f, fullgraph=backend != "torch",
+                             backend="aot_eager" if DEVICE.type == "cpu" else "inductor")
+    out_c = compiled(x)
+    (g_c,) = torch.autograd.grad(out_c.sum(), x)
+    out_e = f(x)
+    (g_e,) = torch.autograd.grad(out_e.sum(), x)
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU: M1 shapes, bf16 error within 2x of PyTorch, CUDA graphs, no host sync
+
+M1 = dict(H=6144, F=9216, E=32, k=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("E,F,N", [(8, 9216, 512), (32, 1152, 1024), (4, 9216, 64)])
+def test_m1_shapes_bf16_within_2x_of_pytorch(backend, E, F, N):
+    """M1 hidden size with the full expert FFN (8 or 4 experts: the float64 reference must fit) and the
+    tensor-parallel shard (F 1152, 32 experts); forward and gradients against float64."""
+    _use(backend, ops.FUSED_MOE_BACKENDS)
+    H, k = M1["H"], M1["k"]
+    tensors = [t.cuda() for t in make_moe(N, H, F, E, k, "zipf", 5)]
+    lo = [t.to(torch.bfloat16) for t in tensors]
+    leaves = [t.clone().requires_grad_() for t in lo]
+    out = moe_ops.fused_moe(*leaves, k, backend=backend)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    truth = [t.double().requires_grad_() for t in lo]
+    ref = RM.moe(*truth, k)
+    ref.backward(dout.double())
+    base_leaves = [t.clone().requires_grad_() for t in lo]
+    base = moe_ops.fused_moe(*base_leaves, k, backend="torch")
+    base.backward(dout)
+    assert_within_2x("out", out.detach(), ref.detach(), base.detach())
+    for name, a, t, b in zip(["dx", "dgate", "dgate_up", "ddown"], leaves, truth, base_leaves):
+        assert_within_2x(name, a.grad, t.grad, b.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("N", [64, 1024])
+def test_fused_moe_captures_in_a_cuda_graph(backend, N):
+    _use(backend, ops.FUSED_MOE_BACKENDS)
+    H, F, E, k = 1024, 1152, M1["E"], M1["k"]
+    x, gate, gate_up, down = to_dev(make_moe(N, H, F, E, k, "zipf", 3), torch.bfloat16)
+    out = moe_ops.fused_moe(x, gate, gate_up, down, k, backend=backend)       # compiles and autotunes
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = moe_ops.fused_moe(x, gate, gate_up, down, k, backend=backend)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    expected = moe_ops.fused_moe(x, gate, gate_up, down, k, backend=backend)
+    assert torch.equal(captured, expected)
+    assert not torch.equal(captured, out)
