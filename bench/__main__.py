@@ -8,6 +8,7 @@ import argparse
 import importlib
 import os
 import sys
+import time
 
 import torch
 
@@ -41,14 +42,14 @@ def main(argv=None):
     if ceilings.get("copy_GBps"):
         print(f"device {device_name(device)}: copy bandwidth {ceilings['copy_GBps']:.0f} GB/s, "
               f"dense bf16 matmul {ceilings['matmul_TFLOPs']:.0f} TFLOP/s (measured now)\n", flush=True)
-    rows = []
-    for case in collect_cases(device, args.only):
-        print(f"  {case.group}: {case.name}", file=sys.stderr, flush=True)
-        rows += run_case(case, device, ceilings)
-    print(format_table(rows))
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, device_name(device))
-    write_json(stem + ".json", rows, ceilings, device)
+    rows = []
+    for case in collect_cases(device, args.only):
+        print(f"  {time.strftime('%H:%M:%S')} {case.group}: {case.name}", file=sys.stderr, flush=True)
+        rows += run_case(case, device, ceilings)
+        write_json(stem + ".json", rows, ceilings, device)  # after every case: a cut-off run keeps its rows
+    print(format_table(rows))
     print(f"\nwrote {stem}.json")
     if not args.no_plots:
         for path in plot(rows, stem):

@@ -73,7 +73,7 @@ def _graphed(fn, sets):
     return lambda i: graphs[i].replay(), [None] * len(graphs)
 
 
-def time_fn(fn, sets, device, warmup=3, reps=None, budget_s=1.0, cuda_graph=False) -> dict:
+def time_fn(fn, sets, device, warmup=3, reps=None, budget_s=0.5, cuda_graph=False) -> dict:
     """Median and spread of per-call times in ms, cycling through the input sets."""
     if cuda_graph and device.type == "cuda":
         call, sets = _graphed(fn, sets)

@@ -124,7 +124,9 @@ cudaError_t launch(const LightningDecodeArgs& a) {
       default: break;
     }
   }
-  return launch<T, D, DV, (DV < 64 ? DV : 64), 128>(a);
+  // Whole state rows per block, 256 threads: best or tied-best in the H100 sweep at every B, H
+  // (bench/NOTES.md: B128 H64 0.95 of floor, B16 H64 0.89).
+  return launch<T, D, DV, DV, 256>(a);
 }
 
 template <typename T>

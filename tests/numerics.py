@@ -11,7 +11,7 @@ ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def max_err(x, ref):
-    return (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
+    return (x.detach().double().cpu() - ref.detach().double().cpu()).abs().max().item() if x.numel() else 0.0
 
 
 def assert_within_2x(name, out, ref64, baseline, atol=None, factor=2.0):

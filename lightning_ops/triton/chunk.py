@@ -74,12 +74,14 @@ def _segment_bounds(g, seg_seq_ptr, seg_lo_ptr, cu_ptr, T, G, SEG, VARLEN: tl.co
 
 
 @triton.jit
-def _block_token(bos, L, b0, REVERSE: tl.constexpr):
-    """Physical token (int64 scalar) of a block's first logical position b0; the block's rows then
-    step by +1 token (or -1 in reverse), as int32 offsets: few address registers per thread."""
-    if REVERSE:
-        return bos + (L - 1 - b0).to(tl.int64)
-    return bos + b0.to(tl.int64)
+def _sequence_bases(q_ptr, k_ptr, v_ptr, o_ptr, bos, L, h, H: tl.constexpr, D: tl.constexpr,
+                    DV: tl.constexpr, REVERSE: tl.constexpr):
+    """Pointers to logical position 0 of a sequence (its last token in reverse) for head h, and the
+    row strides (negative in reverse) of the [T, H, D] and [T, H, Dv] layouts."""
+    first = bos + (L - 1) if REVERSE else bos
+    sign = -1 if REVERSE else 1
+    return (q_ptr + first * (H * D) + h * D, k_ptr + first * (H * D) + h * D, v_ptr + first * (H * DV) + h * DV,
+            o_ptr + first * (H * DV) + h * DV, sign * (H * D), sign * (H * DV))
 
 
 @triton.autotune(configs=_configs([({}, 8, 2), ({}, 8, 3)]), key=["H", "D", "DV", "REVERSE"])
@@ -95,16 +97,16 @@ def _segment_kv_kernel(k_ptr, v_ptr, slope_ptr, kv_ptr, seg_seq_ptr, seg_lo_ptr,
     rows = tl.arange(0, BT)
     d = tl.arange(0, D)
     e = tl.arange(0, DV)
-    steps = -rows if REVERSE else rows
-    k_offs = steps[:, None] * (H * D) + d[None, :]
-    v_offs = steps[:, None] * (H * DV) + e[None, :]
+    _, k_seq, v_seq, _, row_stride_k, row_stride_v = _sequence_bases(
+        k_ptr, k_ptr, v_ptr, v_ptr, bos, L, h, H, D, DV, REVERSE)
     acc = tl.zeros([D, DV], dtype=tl.float32)
     for b0 in range(lo, hi, BT):
         t = b0 + rows
         live = t < hi
-        tok = _block_token(bos, L, b0, REVERSE)
-        kb = tl.load(k_ptr + tok * (H * D) + h * D + k_offs, mask=live[:, None], other=0.0)
-        vb = tl.load(v_ptr + tok * (H * DV) + h * DV + v_offs, mask=live[:, None], other=0.0)
+        p_k = tl.make_block_ptr(k_seq, (hi, D), (row_stride_k, 1), (b0, 0), (BT, D), (1, 0))
+        p_v = tl.make_block_ptr(v_seq, (hi, DV), (row_stride_v, 1), (b0, 0), (BT, DV), (1, 0))
+        kb = tl.load(p_k, boundary_check=(0,), padding_option="zero")
+        vb = tl.load(p_v, boundary_check=(0,), padding_option="zero")
         w = tl.where(live, tl.exp(-s * tl.maximum(hi - 1 - t, 0).to(tl.float32)), 0.0)
         kw32 = kb.to(tl.float32) * w[:, None]
         kw = kw32.to(kb.dtype)
@@ -153,7 +155,9 @@ def _segment_scan_kernel(kv_ptr, h0_ptr, final_ptr, slope_ptr, slot_ptr, seq_seg
         tl.store(final_ptr + (row * H + h) * (D * DV) + offs, S, mask=keep)
 
 
-@triton.autotune(configs=_configs([(dict(BV=64), 4, 2), (dict(BV=64), 8, 2), (dict(BV=64), 4, 3),
+# ptxas (sm_90a, bf16, D = Dv = 128, 16-byte-aligned pointers as Triton specialises them): no config
+# spills; BV 64 uses 247 registers at 4 warps (2 programs per SM), 198 at 8 warps; BV 128 255 at 8.
+@triton.autotune(configs=_configs([(dict(BV=64), 8, 2), (dict(BV=64), 4, 2), (dict(BV=64), 8, 3),
                                    (dict(BV=128), 8, 2)]),
                  key=["H", "D", "DV", "REVERSE"], prune_configs_by=dict(early_config_prune=_prune_value_tiles))
 @triton.jit
@@ -174,9 +178,8 @@ def _segment_output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slope_ptr, start_ptr, seg
     q_decay = tl.exp(-s * (rows + 1).to(tl.float32))
     dist = rows[:, None] - rows[None, :]
     intra_decay = tl.where(dist >= 0, tl.exp(-s * tl.maximum(dist, 0).to(tl.float32)), 0.0) * kv_scale
-    steps = -rows if REVERSE else rows
-    qk_offs = steps[:, None] * (H * D) + d[None, :]
-    vo_offs = steps[:, None] * (H * DV) + e[None, :]
+    q_seq, k_seq, v_seq, o_seq, row_stride_qk, row_stride_vo = _sequence_bases(
+        q_ptr, k_ptr, v_ptr, o_ptr, bos, L, h, H, D, DV, REVERSE)
     fill = 0.0
     if USE_SLOTS:  # padding sequence (negative slot): zeros; slot out of range: NaN (cannot be checked
         slot = tl.load(slot_ptr + tl.maximum(n, 0))  # on the host without a sync)
@@ -185,18 +188,21 @@ def _segment_output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slope_ptr, start_ptr, seg
     for b0 in range(lo, hi, BT):
         t = b0 + rows
         live = t < hi
-        tok = _block_token(bos, L, b0, REVERSE)
-        qb = tl.load(q_ptr + tok * (H * D) + h * D + qk_offs, mask=live[:, None], other=0.0)
-        kb = tl.load(k_ptr + tok * (H * D) + h * D + qk_offs, mask=live[:, None], other=0.0)
-        vb = tl.load(v_ptr + tok * (H * DV) + h * DV + vo_offs, mask=live[:, None], other=0.0)
+        # Block pointers over the segment's logical rows [0, hi): rows past the segment read zeros.
+        p_q = tl.make_block_ptr(q_seq, (hi, D), (row_stride_qk, 1), (b0, 0), (BT, D), (1, 0))
+        p_k = tl.make_block_ptr(k_seq, (hi, D), (row_stride_qk, 1), (b0, 0), (BT, D), (1, 0))
+        p_v = tl.make_block_ptr(v_seq, (hi, DV), (row_stride_vo, 1), (b0, iv * BV), (BT, BV), (1, 0))
+        qb = tl.load(p_q, boundary_check=(0,), padding_option="zero")
+        kb = tl.load(p_k, boundary_check=(0,), padding_option="zero")
+        vb = tl.load(p_v, boundary_check=(0,), padding_option="zero")
         # Decays go on the smaller operand or the result (per-row factors commute with the dots).
         o = tl.dot(qb, S.to(qb.dtype), input_precision=DOT_PREC) * q_decay[:, None]
         scores = tl.dot(qb, tl.trans(kb), input_precision=DOT_PREC) * intra_decay
         o = tl.dot(scores.to(vb.dtype), vb, o, input_precision=DOT_PREC) * out_scale
         if USE_SLOTS:
             o = tl.where(live_seq, o, fill)
-        tl.store(o_ptr + tok * (H * DV) + h * DV + vo_offs, o.to(o_ptr.dtype.element_ty),
-                 mask=live[:, None])
+        p_o = tl.make_block_ptr(o_seq, (hi, DV), (row_stride_vo, 1), (b0, iv * BV), (BT, BV), (1, 0))
+        tl.store(p_o, o.to(o_ptr.dtype.element_ty), boundary_check=(0,))
         blen = tl.minimum(hi - b0, BT)
         w = tl.where(live, tl.exp(-s * tl.maximum(blen - 1 - rows, 0).to(tl.float32)), 0.0) * kv_scale
         vw = (vb.to(tl.float32) * w[:, None]).to(vb.dtype)

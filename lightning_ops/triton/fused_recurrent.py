@@ -42,7 +42,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, state_ptr, slot_ptr, o_ptr, s
 
 
 def _value_tile(rows: int, dv: int) -> int:
-    bv = min(dv, 64)  # a [128, 128] fp32 tile spills registers even at 8 warps
+    bv = min(dv, 64)  # 32 KB tiles at 4 warps (48 registers): many resident programs, many loads in flight
     while bv > 16 and rows * triton.cdiv(dv, bv) < _MIN_PROGRAMS:
         bv //= 2
     return bv
