@@ -26,10 +26,8 @@ def _our_backends(implemented, device):
     return [b for b in available_backends(implemented, device) if device.type == "cuda" or b == "torch"]
 
 
-def prefill_cases(device, B, H, D, T, dtype, backward=False, layer=0, torch_peer=True):
-    mode = "fwd+bwd" if backward else "fwd"
-    name = f"{mode} B{B} H{H} D{D} T{T} {str(dtype).removeprefix('torch.')}"
-    slope = lightning_ops.slopes(H, layer, 80, device=device)
+def _prefill_case(device, name, B, T, H, D, dtype, backward, slope, cu_seqlens, torch_peer, params):
+    """One prefill case (fixed-length or packed): ours per backend, fla chunk, the torch backend."""
 
     def make():
         q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dtype) * D ** -0.5 for _ in range(3))
@@ -49,15 +47,22 @@ def prefill_cases(device, B, H, D, T, dtype, backward=False, layer=0, torch_peer
         if backend == "torch" and not torch_peer:
             continue
         label = f"ours[{backend}]" if backend != "torch" or device.type == "cpu" else "torch (fp32 blockwise)"
-        impls[label] = run(lambda q, k, v, b=backend: lightning_ops.lightning_attn(q, k, v, slope, backend=b)[0])
+        impls[label] = run(lambda q, k, v, b=backend: lightning_ops.lightning_attn(
+            q, k, v, slope, cu_seqlens=cu_seqlens, backend=b)[0])
     fla = _fla() if device.type == "cuda" else None
     if fla is not None:
-        chunk = fla[0]
-        impls["fla chunk"] = run(lambda q, k, v: chunk(q, k, v, g_gamma=-slope, scale=1.0)[0])
-    elem = torch.finfo(dtype).bits // 8
-    io = B * T * H * 4 * D * elem                        # q, k, v read; o written
+        chunk, cu64 = fla[0], None if cu_seqlens is None else cu_seqlens.long()
+        impls["fla chunk"] = run(lambda q, k, v: chunk(q, k, v, g_gamma=-slope, scale=1.0, cu_seqlens=cu64)[0])
+    io = B * T * H * 4 * D * (torch.finfo(dtype).bits // 8)            # q, k, v read; o written
     return Case("lightning prefill", name, make, impls, bytes=io * (3 if backward else 1),
-                params=dict(B=B, H=H, D=D, T=T, dtype=str(dtype), backward=backward))
+                params=dict(params, H=H, D=D, T=T, dtype=str(dtype), backward=backward))
+
+
+def prefill_cases(device, B, H, D, T, dtype, backward=False, layer=0, torch_peer=True):
+    mode = "fwd+bwd" if backward else "fwd"
+    name = f"{mode} B{B} H{H} D{D} T{T} {str(dtype).removeprefix('torch.')}"
+    slope = lightning_ops.slopes(H, layer, 80, device=device)
+    return _prefill_case(device, name, B, T, H, D, dtype, backward, slope, None, torch_peer, dict(B=B))
 
 
 def varlen_case(device, H, D, lengths, dtype=torch.bfloat16, backward=False):
@@ -67,32 +72,7 @@ def varlen_case(device, H, D, lengths, dtype=torch.bfloat16, backward=False):
     slope = lightning_ops.slopes(H, 0, 80, device=device)
     mode = "fwd+bwd" if backward else "fwd"
     name = f"varlen {mode} N{len(lengths)} H{H} D{D} T{T} {str(dtype).removeprefix('torch.')}"
-
-    def make():
-        q, k, v = (torch.randn(1, T, H, D, device=device, dtype=dtype) * D ** -0.5 for _ in range(3))
-        do = torch.randn_like(v) if backward else None
-        return q.requires_grad_(backward), k.requires_grad_(backward), v.requires_grad_(backward), do
-
-    def run(fn):
-        def call(inputs):
-            q, k, v, do = inputs
-            o = fn(q, k, v)
-            if backward:
-                torch.autograd.grad(o, (q, k, v), do)
-        return call
-
-    impls = {}
-    for backend in _our_backends(ops.ATTN_BACKENDS, device):
-        label = f"ours[{backend}]" if backend != "torch" or device.type == "cpu" else "torch (fp32 blockwise)"
-        impls[label] = run(lambda q, k, v, b=backend: lightning_ops.lightning_attn(
-            q, k, v, slope, cu_seqlens=cu, backend=b)[0])
-    fla = _fla() if device.type == "cuda" else None
-    if fla is not None:
-        chunk, cu64 = fla[0], cu.long()
-        impls["fla chunk"] = run(lambda q, k, v: chunk(q, k, v, g_gamma=-slope, scale=1.0, cu_seqlens=cu64)[0])
-    io = T * H * 4 * D * (torch.finfo(dtype).bits // 8)
-    return Case("lightning prefill", name, make, impls, bytes=io * (3 if backward else 1),
-                params=dict(H=H, D=D, T=T, lengths=list(lengths), dtype=str(dtype), backward=backward))
+    return _prefill_case(device, name, 1, T, H, D, dtype, backward, slope, cu, True, dict(lengths=list(lengths)))
 
 
 def decode_case(device, B, H, D, dtype=torch.bfloat16):

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import platform
+import re
 import statistics
 import time
 from typing import Any, Callable
@@ -248,7 +249,7 @@ def plot(rows: list[dict], path_prefix: str) -> list[str]:
         ax.set_title(group)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = f"{path_prefix}-{group.replace(' ', '_')}.png"
+        path = f"{path_prefix}-{re.sub(r'[^A-Za-z0-9]+', '_', group).strip('_')}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)

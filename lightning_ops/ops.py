@@ -22,7 +22,7 @@ from m1_core.validate import FLOAT_DTYPES, capturing, check_shape, check_tensor
 from . import torch_backend
 
 # Backends per op, fastest first as measured on Hopper (bench/results).
-ATTN_BACKENDS = ("triton", "torch", "cuda")
+ATTN_BACKENDS = ("triton", "cuda", "torch")
 DECODE_BACKENDS = ("cuda", "triton", "torch")
 
 _KERNEL_MODULES = {"cuda": "lightning_ops.cuda_backend", "triton": "lightning_ops.triton_backend"}

@@ -5,8 +5,11 @@
 #
 #   bash scripts/gpu_check.sh OUTDIR [WHEEL_DIR]
 #
-# Environment: PYTEST_ARGS (default: the whole suite), BENCH_ARGS (e.g. "--only decode"),
-# SKIP_TESTS=1 / SKIP_BENCH=1 to run one half.
+# Environment:
+#   TEST_FILES   "path[:timeout_s] ..." run one pytest per entry, so a slow or failing file cannot hide
+#                the rest (default: "tests", the whole suite in one run, no timeout)
+#   PYTEST_ARGS  extra pytest arguments;  BENCH_ARGS  arguments of `python -m bench` (e.g. "--only decode")
+#   SKIP_TESTS=1 / SKIP_BENCH=1 to run one half;  M1_HYPOTHESIS_EXAMPLES  examples per property test
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:?usage: gpu_check.sh OUTDIR [WHEEL_DIR]}
@@ -17,7 +20,7 @@ export PYTHONUNBUFFERED=1
 status=0
 
 if [ -n "$WHEELS" ]; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/m1-site "$WHEELS"/*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/m1-site "$WHEELS"/*.whl || exit 1
   export PYTHONPATH=/tmp/m1-site:${PYTHONPATH:-}
 fi
 {
@@ -31,13 +34,16 @@ python3 -c "import m1_core._cuda as e; print('extension archs', e.compiled_archs
   2>&1 | tee -a "$LOG" || exit 1
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  echo "== tests (M1_REQUIRE_GPU=1)" | tee -a "$LOG"
-  M1_REQUIRE_GPU=1 HYPOTHESIS_PROFILE=gpu python3 -m pytest tests -q -p no:cacheprovider -rfE \
-    ${PYTEST_ARGS:-} 2>&1 | tee -a "$LOG"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  for entry in ${TEST_FILES:-tests}; do
+    path=${entry%%:*}; limit=${entry#*:}; [ "$limit" = "$entry" ] && limit=0
+    echo "== tests $path (M1_REQUIRE_GPU=1, $(date +%T), limit ${limit}s)" | tee -a "$LOG"
+    M1_REQUIRE_GPU=1 HYPOTHESIS_PROFILE=gpu timeout "$limit" python3 -m pytest "$path" -q -p no:cacheprovider \
+      -rfE --tb=short ${PYTEST_ARGS:-} 2>&1 | tee -a "$LOG"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  done
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  echo "== bench" | tee -a "$LOG"
+  echo "== bench ($(date +%T))" | tee -a "$LOG"
   python3 -m bench --out "$OUTDIR/bench" ${BENCH_ARGS:-} 2>&1 | tee -a "$LOG"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   # The device tool returns few files: pack the plots, keep the JSON loose.

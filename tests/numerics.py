@@ -2,7 +2,10 @@
 
 import contextlib
 
+import pytest
 import torch
+
+from m1_core.dispatch import backend_error
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -52,3 +55,13 @@ def nan_filled_outputs():
 
 def randn(*shape, dtype=torch.float32, device=DEVICE, scale=1.0, generator=None):
     return (torch.randn(*shape, dtype=torch.float64, generator=generator) * scale).to(device=device, dtype=dtype)
+
+
+def require_backend(backend, implemented):
+    """Skip unless `backend` is implemented for the op and can run on this machine; returns it."""
+    if backend not in implemented:
+        pytest.skip(f"{backend} backend not implemented for this op")
+    why = backend_error(backend, DEVICE)
+    if why:
+        pytest.skip(why)
+    return backend

@@ -12,8 +12,7 @@ from hypothesis import given, strategies as st
 
 import lightning_ops
 from lightning_ops import ops
-from m1_core.dispatch import backend_error
-from numerics import DEVICE, assert_within_2x, nan_filled_outputs
+from numerics import DEVICE, assert_within_2x, nan_filled_outputs, require_backend
 from reference import lightning as RL
 
 ON_GPU = DEVICE.type == "cuda"
@@ -24,15 +23,6 @@ T_VALUES = [1, 63, 64, 65, 200, 257, 1000] if ON_GPU else [1, 15, 16, 17, 63, 64
 def _backend_param(name, implemented):
     marks = [pytest.mark.gpu] if name == "cuda" else []
     return pytest.param(name, marks=marks, id=name)
-
-
-def _use(backend, implemented):
-    if backend not in implemented:
-        pytest.skip(f"{backend} backend not implemented for this op")
-    why = backend_error(backend, DEVICE)
-    if why:
-        pytest.skip(why)
-    return backend
 
 
 # The cuda prefill takes bf16/fp16 only (tensor-core operands); tests/test_cuda_prefill.py covers it.
@@ -71,7 +61,7 @@ def reference(q, k, v, slope, h0, scale=1.0, dtype=torch.float64, cu_seqlens=Non
 @pytest.mark.parametrize("backend", ATTN)
 @given(data=st.data())
 def test_forward_matches_reference(backend, data):
-    _use(backend, ops.ATTN_BACKENDS)
+    require_backend(backend, ops.ATTN_BACKENDS)
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU or backend == "torch" else [])
     B = data.draw(st.integers(1, 2))
     T = data.draw(st.sampled_from(T_VALUES))
@@ -97,7 +87,7 @@ def test_forward_matches_reference(backend, data):
 @pytest.mark.parametrize("backend", ATTN)
 @given(T=st.sampled_from(T_VALUES), with_h0=st.booleans(), seed=st.integers(0, 2**16))
 def test_gradients_match_reference(backend, T, with_h0, seed):
-    _use(backend, ops.ATTN_BACKENDS)
+    require_backend(backend, ops.ATTN_BACKENDS)
     D = head_dims(backend)[-1]
     q, k, v, slope, h0 = make_inputs(1, T, 2, D, D, torch.float32, seed, layer=78, with_h0=with_h0)
     g = torch.Generator().manual_seed(seed + 1)
@@ -129,7 +119,7 @@ def test_gradients_match_reference(backend, T, with_h0, seed):
 
 @pytest.mark.parametrize("backend", ATTN)
 def test_varlen_equals_separate_calls(backend):
-    _use(backend, ops.ATTN_BACKENDS)
+    require_backend(backend, ops.ATTN_BACKENDS)
     D = head_dims(backend)[-1]
     lengths = [0, 1, 17, 64, 5] if not ON_GPU else [0, 1, 300, 64, 1000, 7]
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=DEVICE)
@@ -153,7 +143,7 @@ def test_varlen_equals_separate_calls(backend):
 @pytest.mark.parametrize("backend", ATTN)
 @given(T1=st.sampled_from(T_VALUES), T2=st.sampled_from(T_VALUES), seed=st.integers(0, 2**16))
 def test_prefill_continues_from_state(backend, T1, T2, seed):
-    _use(backend, ops.ATTN_BACKENDS)
+    require_backend(backend, ops.ATTN_BACKENDS)
     D = head_dims(backend)[-1]
     q, k, v, slope, h0 = make_inputs(2, T1 + T2, 2, D, D, torch.float32, seed, layer=78)
     o, final = lightning_ops.lightning_attn(q, k, v, slope, initial_state=h0, output_final_state=True,
@@ -170,7 +160,7 @@ def test_prefill_continues_from_state(backend, T1, T2, seed):
 @given(B=st.integers(1, 6), D=st.sampled_from([64, 128]), Dv=st.sampled_from([64, 128]),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), seed=st.integers(0, 2**16))
 def test_decode_matches_reference(backend, B, D, Dv, dtype, seed):
-    _use(backend, ops.DECODE_BACKENDS)
+    require_backend(backend, ops.DECODE_BACKENDS)
     g = torch.Generator().manual_seed(seed)
     H, S = 3, 8
     q, k, v = (torch.randn(B, H, d, generator=g, dtype=torch.float64) for d in (D, D, Dv))
@@ -194,7 +184,7 @@ def test_decode_matches_reference(backend, B, D, Dv, dtype, seed):
 
 @pytest.mark.parametrize("backend", DECODE)
 def test_token_by_token_decode_equals_prefill(backend):
-    _use(backend, ops.DECODE_BACKENDS)
+    require_backend(backend, ops.DECODE_BACKENDS)
     T, B, H, D = 20, 2, 2, 64
     q, k, v, slope, h0 = make_inputs(B, T, H, D, D, torch.float32, 7, layer=0)
     o_ref, s_ref = lightning_ops.lightning_attn(q, k, v, slope, initial_state=h0, output_final_state=True,
@@ -212,7 +202,7 @@ def test_token_by_token_decode_equals_prefill(backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", DECODE)
 def test_decode_captures_in_cuda_graph(backend):
-    _use(backend, ops.DECODE_BACKENDS)
+    require_backend(backend, ops.DECODE_BACKENDS)
     B, H, D, S = 4, 8, 128, 6
     q, k, v = (torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     slope = lightning_ops.slopes(H, 0, 80, device="cuda")
@@ -238,7 +228,7 @@ def test_decode_captures_in_cuda_graph(backend):
 
 @pytest.mark.parametrize("backend", ATTN_KERNELS)
 def test_opcheck_lightning_attn(backend):
-    backend = _use(backend, ops.ATTN_BACKENDS)
+    backend = require_backend(backend, ops.ATTN_BACKENDS)
     D = head_dims(backend)[-1]
     q, k, v, slope, h0 = make_inputs(1, 33, 2, D, D, torch.float32, 0)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
@@ -251,7 +241,7 @@ def test_opcheck_lightning_attn(backend):
 
 @pytest.mark.parametrize("backend", DECODE_KERNELS)
 def test_opcheck_decode(backend):
-    backend = _use(backend, ops.DECODE_BACKENDS)
+    backend = require_backend(backend, ops.DECODE_BACKENDS)
     q, k, v = (torch.randn(3, 2, 64, device=DEVICE) for _ in range(3))
     state = torch.randn(4, 2, 64, 64, device=DEVICE)
     slots = torch.tensor([2, -1, 0], dtype=torch.int32, device=DEVICE)
@@ -261,7 +251,7 @@ def test_opcheck_decode(backend):
 
 @pytest.mark.parametrize("backend", ATTN)
 def test_torch_compile(backend):
-    backend = _use(backend, ops.ATTN_BACKENDS)
+    backend = require_backend(backend, ops.ATTN_BACKENDS)
     D = head_dims(backend)[-1]
     q, k, v, slope, h0 = make_inputs(1, 40, 2, D, D, torch.float32, 1)
 

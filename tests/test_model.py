@@ -7,20 +7,15 @@ import os
 import pytest
 import torch
 
-try:
-    from lightning_ops import LightningAttention  # noqa: F401
-    from moe_ops import SparseMoE  # noqa: F401
-except ImportError as exc:
-    pytest.skip(f"the model composes lightning_ops.LightningAttention and moe_ops.SparseMoE: {exc}",
-                allow_module_level=True)
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from model import M1Config, M1ForCausalLM, replace_hf_modules  # noqa: E402
-from model.generate import generate, main as generate_main, sample_next  # noqa: E402
-from model.modeling import SoftmaxAttention, rotary_cos_sin, apply_partial_rotary  # noqa: E402
-from reference import attention as RA  # noqa: E402
+from lightning_ops import LightningAttention
+from model import M1Config, M1ForCausalLM, replace_hf_modules
+from moe_ops import SparseMoE
+from model.generate import generate, main as generate_main, sample_next
+from model.modeling import SoftmaxAttention, rotary_cos_sin, apply_partial_rotary
+from reference import attention as RA
 
 ALPHA = 3.5565588200778455
 

@@ -9,17 +9,10 @@ the norm weighs it against the whole output instead of failing on it).
 import pytest
 import torch
 
+from model import M1Config, M1ForCausalLM, replace_hf_modules
+from model.config import FULL, LINEAR
+
 pytestmark = pytest.mark.gpu
-
-try:
-    from lightning_ops import LightningAttention  # noqa: F401
-    from moe_ops import SparseMoE  # noqa: F401
-except ImportError as exc:
-    pytest.skip(f"the model composes lightning_ops.LightningAttention and moe_ops.SparseMoE: {exc}",
-                allow_module_level=True)
-
-from model import M1Config, M1ForCausalLM, replace_hf_modules  # noqa: E402
-from model.config import FULL, LINEAR  # noqa: E402
 
 # GPU-friendly small shapes (head dims the kernels tile well) and one layer pair at real M1 widths.
 SMALL = M1Config(vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,

@@ -16,9 +16,8 @@ import torch
 from hypothesis import assume, given, strategies as st
 
 import moe_ops
-from m1_core.dispatch import backend_error
 from moe_ops import ops
-from numerics import DEVICE, assert_within_2x, nan_filled_outputs
+from numerics import DEVICE, assert_within_2x, nan_filled_outputs, require_backend
 from reference import moe as RM
 
 ON_GPU = DEVICE.type == "cuda"
@@ -26,15 +25,6 @@ ROUTINGS = ["uniform", "zipf", "one_expert", "empty_experts"]
 # Shapes cross the kernels' tile edges (16/32 rows and columns in the interpreter config).
 HIDDEN = [32, 40] if not ON_GPU else [64, 200, 512]
 FFN = [8, 32] if not ON_GPU else [32, 136, 384]
-
-
-def _use(backend, implemented):
-    if backend not in implemented:
-        pytest.skip(f"{backend} backend not implemented for this op")
-    why = backend_error(backend, DEVICE)
-    if why:
-        pytest.skip(why)
-    return backend
 
 
 BACKENDS = [pytest.param(b, id=b, marks=[pytest.mark.gpu] if b == "cuda" else []) for b in ("torch", "triton", "cuda")]
@@ -85,7 +75,7 @@ def to_dev(tensors, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(data=st.data())
 def test_fused_moe_forward_matches_reference(backend, data):
-    _use(backend, ops.FUSED_MOE_BACKENDS)
+    require_backend(backend, ops.FUSED_MOE_BACKENDS)
     N = data.draw(st.sampled_from([1, 2, 7, 33] if not ON_GPU else [1, 7, 100, 513]), label="N")
     E = data.draw(st.sampled_from([1, 2, 5, 8]), label="E")
     k = data.draw(st.integers(1, min(E, 3)), label="k")
@@ -109,7 +99,7 @@ def test_fused_moe_forward_matches_reference(backend, data):
 @given(N=st.sampled_from([1, 5, 20]), E=st.sampled_from([1, 3, 6]), k=st.integers(1, 2),
        routing=st.sampled_from(ROUTINGS), renormalize=st.booleans(), seed=st.integers(0, 2**16))
 def test_fused_moe_gradients_match_reference(backend, N, E, k, routing, renormalize, seed):
-    _use(backend, ops.FUSED_MOE_BACKENDS)
+    require_backend(backend, ops.FUSED_MOE_BACKENDS)
     k = min(k, E)
     H, F = HIDDEN[-1], FFN[-1]
     tensors = make_moe(N, H, F, E, k, routing, seed)
@@ -140,7 +130,7 @@ def test_fused_moe_gradients_match_reference(backend, N, E, k, routing, renormal
 @given(N=st.sampled_from([1, 3, 17, 40]), E=st.sampled_from([1, 2, 7, 32, 64, 256]), k=st.integers(1, 8),
        renormalize=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**16))
 def test_route_matches_reference(backend, N, E, k, renormalize, dtype, seed):
-    _use(backend, ops.ROUTE_BACKENDS)
+    require_backend(backend, ops.ROUTE_BACKENDS)
     k = min(k, E)
     x, gate, _, _ = make_moe(N, 24, 1, E, k, "zipf", seed)
     x = x.to(dtype)
@@ -174,7 +164,7 @@ def _random_ids(N, k, E, routing, g):
 @given(N=st.sampled_from([0, 1, 6, 50, 300]), E=st.sampled_from([1, 3, 16, 40, 256]), k=st.integers(1, 8),
        routing=st.sampled_from(ROUTINGS), seed=st.integers(0, 2**16))
 def test_permute_is_a_stable_expert_sort_and_unpermute_inverts_it(backend, N, E, k, routing, seed):
-    _use(backend, ops.PERMUTE_BACKENDS)
+    require_backend(backend, ops.PERMUTE_BACKENDS)
     k = min(k, E)
     g = torch.Generator().manual_seed(seed)
     ids = _random_ids(N, k, E, routing, g).to(torch.int32)
@@ -199,7 +189,7 @@ def test_permute_is_a_stable_expert_sort_and_unpermute_inverts_it(backend, N, E,
 @given(N=st.sampled_from([1, 4, 33]), k=st.integers(1, 4), H=st.sampled_from([8, 40]),
        dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**16))
 def test_unpermute_matches_loop_with_gradients(backend, N, k, H, dtype, seed):
-    _use(backend, ops.UNPERMUTE_BACKENDS)
+    require_backend(backend, ops.UNPERMUTE_BACKENDS)
     g = torch.Generator().manual_seed(seed)
     y = torch.randn(N * k, H, generator=g, dtype=torch.float64)
     sorted_idx = torch.randperm(N * k, generator=g).to(torch.int32)
@@ -257,7 +247,7 @@ def gemm_loop(x, weight, offsets, layout):
        dtype=st.sampled_from([torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])),
        tma=st.sampled_from(["1", "0"]), seed=st.integers(0, 2**16))
 def test_grouped_gemm_equals_per_expert_loop(backend, M, E, K, N, layout, kind, dtype, tma, seed):
-    _use(backend, ops.GROUPED_GEMM_BACKENDS)
+    require_backend(backend, ops.GROUPED_GEMM_BACKENDS)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g, dtype=torch.float64).to(dtype)
     w = (torch.randn(E, N, K, generator=g, dtype=torch.float64) / math.sqrt(K)).to(dtype)
@@ -332,7 +322,7 @@ KERNELS = BACKENDS[1:]
 
 @pytest.mark.parametrize("backend", KERNELS)
 def test_opcheck(backend):
-    _use(backend, ops.FUSED_MOE_BACKENDS)
+    require_backend(backend, ops.FUSED_MOE_BACKENDS)
     x, gate, gate_up, down = to_dev(make_moe(6, 16, 8, 3, 2, "zipf", 1), torch.float32)
     for t in (x, gate, gate_up, down):
         t.requires_grad_()
@@ -351,7 +341,7 @@ def test_opcheck(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile(backend):
-    _use(backend, ops.FUSED_MOE_BACKENDS)
+    require_backend(backend, ops.FUSED_MOE_BACKENDS)
     x, gate, gate_up, down = to_dev(make_moe(9, 16, 8, 4, 2, "uniform", 2), torch.float32)
     x.requires_grad_()
 
@@ -380,7 +370,7 @@ M1 = dict(H=6144, F=9216, E=32, k=2)
 def test_m1_shapes_bf16_within_2x_of_pytorch(backend, E, F, N):
     """M1 hidden size with the full expert FFN (8 or 4 experts: the float64 reference must fit) and the
     tensor-parallel shard (F 1152, 32 experts); forward and gradients against float64."""
-    _use(backend, ops.FUSED_MOE_BACKENDS)
+    require_backend(backend, ops.FUSED_MOE_BACKENDS)
     H, k = M1["H"], M1["k"]
     tensors = [t.cuda() for t in make_moe(N, H, F, E, k, "zipf", 5)]
     lo = [t.to(torch.bfloat16) for t in tensors]
@@ -403,7 +393,7 @@ def test_m1_shapes_bf16_within_2x_of_pytorch(backend, E, F, N):
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("N", [64, 1024])
 def test_fused_moe_captures_in_a_cuda_graph(backend, N):
-    _use(backend, ops.FUSED_MOE_BACKENDS)
+    require_backend(backend, ops.FUSED_MOE_BACKENDS)
     H, F, E, k = 1024, 1152, M1["E"], M1["k"]
     x, gate, gate_up, down = to_dev(make_moe(N, H, F, E, k, "zipf", 3), torch.bfloat16)
     out = moe_ops.fused_moe(x, gate, gate_up, down, k, backend=backend)       # compiles and autotunes
