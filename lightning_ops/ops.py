@@ -256,10 +256,7 @@ def lightning_attn_decode(q, k, v, slope, state, *, slot_idx=None, scale=1.0, ba
         if state.shape[0] < B:
             raise ValueError(f"state has {state.shape[0]} slots for a batch of {B}; pass slot_idx")
         slot_idx = torch.arange(B, dtype=torch.int32, device=q.device)
-    check_tensor("slot_idx", slot_idx, ndim=1, dtypes=(torch.int32,), device=q.device)
-    check_shape("slot_idx", slot_idx, (B,), " (one slot per row)")
-    if slot_idx.device.type == "cpu" and B and int(slot_idx.max()) >= state.shape[0]:
-        raise ValueError(f"slot_idx holds slot {int(slot_idx.max())} but state has {state.shape[0]} slots")
+    _check_slots(slot_idx, state, B, q.device)
     if not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a Python number, got {type(scale).__name__}")
     backend = resolve_backend("lightning_attn_decode", backend, DECODE_BACKENDS, q.device)
