@@ -41,11 +41,13 @@ using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>
 using GroupShape = ProblemShape::UnderlyingProblemShape;
 
 // Cooperative: two consumer warpgroups share one 128x256 tile, the tile shape that reaches ~90% of
-// the dense rate on H100 for K-major bf16; the 2x1 cluster multicasts each B (weight) tile to the
-// two CTAs computing adjacent row tiles, halving the L2->SM traffic of the large operand.
+// the dense rate on H100 for K-major bf16. No cluster: a 2x1 cluster (torch._grouped_mm's choice,
+// multicasting the weight tile to two row tiles) pairs every expert's odd last row tile with an
+// all-padding tile that still runs the whole mainloop, ~20% extra tiles at 8192 tokens (~4.5 row
+// tiles per expert); 1x2 would do the same to the odd column counts of the TP shard (N 2304).
 struct LargeTile {
   using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
-  using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
+  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
   using MainloopSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
   using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
 };

@@ -131,12 +131,16 @@ def _check_slots(slot_idx, state, rows, device):
         raise ValueError(f"slot_idx holds slot {int(slot_idx.max())} but the cache has {state.shape[0]} slots")
 
 
-def _check_kernel_head_dims(backend, D, Dv):
-    if backend == "triton":
-        from .triton_backend import head_dims_error
-        why = head_dims_error(D, Dv)
-        if why:
-            raise ValueError(f"{why}; use backend='torch' for other sizes")
+KERNEL_HEAD_DIMS = (64, 128)  # of the triton and cuda kernels; the torch backend takes any
+
+
+def _head_dims_unsupported(D, Dv):
+    def why(backend):
+        if backend != "torch" and (D not in KERNEL_HEAD_DIMS or Dv not in KERNEL_HEAD_DIMS):
+            return (f"the {backend} backend supports head dims D, Dv in {KERNEL_HEAD_DIMS}, got D={D}, Dv={Dv}; "
+                    "use backend='torch' for other sizes")
+        return None
+    return why
 
 
 def _check_slope(slope, H, device):
@@ -212,8 +216,7 @@ def lightning_attn(q, k, v, slope, *, scale=1.0, initial_state=None, output_fina
         check_shape("initial_state", initial_state, (N, H, D, Dv), " ([N, H, D, Dv], N sequences)")
     if not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a Python number, got {type(scale).__name__}")
-    backend = resolve_backend("lightning_attn", backend, ATTN_BACKENDS, q.device)
-    _check_kernel_head_dims(backend, D, Dv)
+    backend = resolve_backend("lightning_attn", backend, ATTN_BACKENDS, q.device, _head_dims_unsupported(D, Dv))
     if slot_idx is not None:
         if backend == "torch":
             if cu_seqlens is not None:
@@ -259,8 +262,8 @@ def lightning_attn_decode(q, k, v, slope, state, *, slot_idx=None, scale=1.0, ba
     _check_slots(slot_idx, state, B, q.device)
     if not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a Python number, got {type(scale).__name__}")
-    backend = resolve_backend("lightning_attn_decode", backend, DECODE_BACKENDS, q.device)
-    _check_kernel_head_dims(backend, D, Dv)
+    backend = resolve_backend("lightning_attn_decode", backend, DECODE_BACKENDS, q.device,
+                              _head_dims_unsupported(D, Dv))
     if backend == "torch":
         return torch_backend.lightning_decode(q, k, v, slope, state, slot_idx, float(scale))
     return _decode(q, k, v, slope, state, slot_idx, float(scale), backend)

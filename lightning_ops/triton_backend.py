@@ -13,15 +13,6 @@ so the backward costs three forward passes.
 
 from .triton import chunk_lightning, fused_recurrent_lightning_decode
 
-HEAD_DIMS = (64, 128)
-
-
-def head_dims_error(D: int, Dv: int) -> str | None:
-    """Why the Triton kernels cannot take these head dims (None when they can)."""
-    if D not in HEAD_DIMS or Dv not in HEAD_DIMS:
-        return f"the triton backend supports head dims D, Dv in {HEAD_DIMS}, got D={D}, Dv={Dv}"
-    return None
-
 
 def lightning_fwd(q, k, v, slope, initial_state, cu_seqlens, scale):
     """Returns (o like v in q's dtype, final states [N, H, D, Dv] fp32)."""

@@ -29,6 +29,18 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def autotune_prune(prune=None):
+    """`early_config_prune` for `triton.autotune`: the kernel's own pruning (if any), then, when
+    M1_TRITON_CONFIG=i is set, only the i-th config it keeps (the last if fewer), untimed. Each new
+    autotune key otherwise compiles and times every config: the GPU property tests, which draw dozens
+    of small shapes, pin config 0, and one GPU test per op family runs every index."""
+    def pruned(configs, named_args, **kwargs):
+        kept = prune(configs, named_args, **kwargs) if prune else configs
+        forced = os.environ.get("M1_TRITON_CONFIG", "")
+        return kept if forced == "" else [kept[min(int(forced), len(kept) - 1)]]
+    return pruned
+
+
 def backend_error(backend: str, device: torch.device) -> str | None:
     """Why `backend` cannot run on `device` (None when it can)."""
     if backend == "torch":
@@ -47,12 +59,15 @@ def available_backends(implemented, device: torch.device) -> list[str]:
     return [b for b in implemented if backend_error(b, device) is None]
 
 
-def resolve_backend(op: str, requested: str | None, implemented, device: torch.device) -> str:
+def resolve_backend(op: str, requested: str | None, implemented, device: torch.device,
+                    unsupported=lambda backend: None) -> str:
     """Pick the backend for one call of `op`.
 
     `implemented` lists the backends that `op` has, fastest first as measured on Hopper (see
-    bench/results); the default is the first of them that can run on `device`. CPU tensors default to
-    "torch" (the Triton interpreter is for tests, not for speed).
+    bench/results); the default is the first of them that can run on `device` and take this call's
+    arguments (`unsupported(backend)` says why not, e.g. a head dim without a kernel). CPU tensors
+    default to "torch" (the Triton interpreter is for tests, not for speed). A requested backend that
+    cannot take the arguments raises ValueError.
     """
     source = "backend="
     if requested is None:
@@ -61,7 +76,7 @@ def resolve_backend(op: str, requested: str | None, implemented, device: torch.d
         if device.type != "cuda":
             return "torch"
         for backend in implemented:
-            if backend_error(backend, device) is None:
+            if backend_error(backend, device) is None and unsupported(backend) is None:
                 return backend
         raise RuntimeError(f"{op}: no backend can run on {device}")  # unreachable: torch always can
     if requested not in BACKENDS:
@@ -71,4 +86,7 @@ def resolve_backend(op: str, requested: str | None, implemented, device: torch.d
     why = backend_error(requested, device)
     if why is not None:
         raise RuntimeError(f"{op}: {source}{requested!r} is unavailable: {why}")
+    why = unsupported(requested)
+    if why is not None:
+        raise ValueError(f"{op}: {why}")
     return requested

@@ -7,9 +7,12 @@
 #
 # Environment:
 #   TEST_FILES   "path[:timeout_s] ..." run one pytest per entry, so a slow or failing file cannot hide
-#                the rest (default: "tests", the whole suite in one run, no timeout)
+#                the rest (default: "tests", the whole suite in one run, no timeout); at the timeout
+#                pytest is interrupted and still prints its failures
 #   PYTEST_ARGS  extra pytest arguments;  BENCH_ARGS  arguments of `python -m bench` (e.g. "--only decode")
 #   SKIP_TESTS=1 / SKIP_BENCH=1 to run one half;  M1_HYPOTHESIS_EXAMPLES  examples per property test
+#   PREBUILT     an m1_core/_cuda*.so built by an earlier run of this script from the same csrc/ (it
+#                copies the one it builds to OUTDIR): skips the ~2 min CUTLASS build
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:?usage: gpu_check.sh OUTDIR [WHEEL_DIR]}
@@ -27,9 +30,16 @@ fi
   echo "== $(date -u) on $(hostname)"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  echo "== build"
-  time python3 -m pip install --no-build-isolation --no-deps -e . 2>&1 | grep -vE "^\s*$" | tail -5
+  if [ -n "${PREBUILT:-}" ]; then
+    echo "== prebuilt extension $PREBUILT"
+    cp "$PREBUILT" m1_core/
+  else
+    echo "== build"
+    time python3 -m pip install --no-build-isolation --no-deps -e . 2>&1 | grep -vE "^\s*$" | tail -5
+    cp m1_core/_cuda*.so "$OUTDIR/"
+  fi
 } 2>&1 | tee "$LOG"
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
 python3 -c "import m1_core._cuda as e; print('extension archs', e.compiled_archs, 'devices', e.device_count())" \
   2>&1 | tee -a "$LOG" || exit 1
 
@@ -37,7 +47,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   for entry in ${TEST_FILES:-tests}; do
     path=${entry%%:*}; limit=${entry#*:}; [ "$limit" = "$entry" ] && limit=0
     echo "== tests $path (M1_REQUIRE_GPU=1, $(date +%T), limit ${limit}s)" | tee -a "$LOG"
-    M1_REQUIRE_GPU=1 HYPOTHESIS_PROFILE=gpu timeout "$limit" python3 -m pytest "$path" -q -p no:cacheprovider \
+    M1_REQUIRE_GPU=1 HYPOTHESIS_PROFILE=gpu timeout -s INT "$limit" python3 -m pytest "$path" -q -p no:cacheprovider \
       -rfE --tb=short ${PYTEST_ARGS:-} 2>&1 | tee -a "$LOG"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   done

@@ -7,6 +7,9 @@
 - Hypothesis profiles: `ci` (CPU, few examples) and `gpu` (more examples, real shapes allowed);
   chosen by HYPOTHESIS_PROFILE, default `gpu` when CUDA is visible, else `ci`. Deadlines are off:
   the first call of a kernel compiles it.
+- Autotuned Triton kernels run their first config (M1_TRITON_CONFIG=0, unless set): tuning every new
+  shape the property tests draw would spend minutes compiling and timing configs; the
+  `test_every_autotune_config_*` GPU tests run each config.
 """
 
 import os
@@ -15,6 +18,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("M1_TRITON_CONFIG", "0")
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
@@ -30,6 +34,8 @@ REQUIRE_GPU = os.environ.get("M1_REQUIRE_GPU", "0") == "1"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one unless M1_REQUIRE_GPU=1)")
+    # Used by pytest-xdist's --dist loadgroup (the GPU run): tests needing tens of GB share one worker.
+    config.addinivalue_line("markers", "xdist_group(name): run in one pytest-xdist worker under --dist loadgroup")
     if REQUIRE_GPU and not torch.cuda.is_available():
         raise pytest.UsageError("M1_REQUIRE_GPU=1 but torch sees no CUDA GPU")
 

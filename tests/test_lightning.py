@@ -12,6 +12,7 @@ from hypothesis import given, strategies as st
 
 import lightning_ops
 from lightning_ops import ops
+from m1_core.dispatch import resolve_backend
 from numerics import DEVICE, assert_within_2x, nan_filled_outputs, require_backend
 from reference import lightning as RL
 
@@ -322,6 +323,18 @@ def test_decode_bad_input_rejected():
         lightning_ops.lightning_attn_decode(q, k, v, slope, state.half())
     with pytest.raises(ValueError, match="2 slots for a batch of 2|slots for a batch"):
         lightning_ops.lightning_attn_decode(q, k, v, slope, state[:1])
+
+
+def test_default_backend_skips_kernels_that_cannot_take_the_arguments(monkeypatch):
+    """A tiny model's head dim (16) has no kernel: the default falls through to torch, while asking
+    for a kernel backend raises."""
+    monkeypatch.delenv("M1_OPS_BACKEND", raising=False)
+    def unsupported(backend):
+        return None if backend == "torch" else f"no {backend} kernel for head dim 16"
+    cuda = torch.device("cuda")
+    assert resolve_backend("op", None, ("triton", "torch"), cuda, unsupported) == "torch"
+    with pytest.raises(ValueError, match="no triton kernel for head dim 16"):
+        resolve_backend("op", "triton", ("triton", "torch"), cuda, unsupported)
 
 
 def test_cuda_backend_unavailable_raises_clearly(monkeypatch):

@@ -13,7 +13,7 @@ from hypothesis import given, strategies as st
 import lightning_ops
 from lightning_ops import ops
 from m1_core.dispatch import backend_error
-from numerics import DEVICE, assert_within_2x, nan_filled_outputs
+from numerics import DEVICE, assert_within_2x, nan_filled_outputs, triton_config
 from reference import lightning as RL
 
 ON_GPU = DEVICE.type == "cuda"
@@ -322,6 +322,46 @@ def test_real_shape_forward_backward(layer):
 
 
 @pytest.mark.gpu
+def test_every_autotune_config_matches_the_first():
+    """The suite pins config 0 of each autotuned kernel (tests/conftest.py); here every config of the
+    two prefill kernels runs a bf16 varlen pack forward and backward, and its error against float64
+    stays within 2x of config 0's."""
+    from lightning_ops.triton import chunk
+    kernels = [chunk._segment_kv_kernel, chunk._segment_output_kernel]
+    lengths = [0, 1, 1000, 64, 2500]
+    cu = cu_of(lengths)
+    q, k, v, slope, h0 = inputs(1, sum(lengths), 2, 128, 128, 3, layer=40, N=len(lengths), dtype=torch.bfloat16)
+    do = torch.randn_like(v)
+    dfinal = torch.randn_like(h0)
+
+    def outputs_and_grads(fn, dtype):
+        state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)] + [h0.to(state_dtype).requires_grad_()]
+        o, final = fn(*leaves)
+        grads = torch.autograd.grad([o, final], leaves, [do.to(o), dfinal.to(final)])
+        return [o.detach(), final.detach(), *grads]
+
+    def ours(q_, k_, v_, h0_):
+        return lightning_ops.lightning_attn(q_, k_, v_, slope, initial_state=h0_, output_final_state=True,
+                                            cu_seqlens=cu, backend="triton")
+
+    def truth(q_, k_, v_, h0_):
+        return RL.lightning_attn_varlen(RL.lightning_attn_quadratic, q_, k_, v_, slope.double(), cu.cpu(),
+                                        initial_state=h0_)
+
+    runs = []
+    for index in range(max(len(kernel.configs) for kernel in kernels)):
+        with triton_config(index, kernels), nan_filled_outputs():
+            runs.append(outputs_and_grads(ours, torch.bfloat16))
+    ref = outputs_and_grads(truth, torch.float64)
+    names = ["o", "final", "dq", "dk", "dv", "dh0"]
+    for index, run in enumerate(runs[1:], 1):
+        for name, got, r, first in zip(names, run, ref, runs[0]):
+            assert_within_2x(f"config {index}: {name}", got, r, first)
+
+
+@pytest.mark.gpu
+@pytest.mark.xdist_group("large_memory")
 def test_million_tokens_memory_linear():
     """H8 D128 T = 1,048,576 bf16 prefill fits one H100: peak memory stays near q, k, v, o (8 GiB) plus
     the per-segment states, and a varlen pack gives the same answer."""

@@ -17,7 +17,7 @@ from hypothesis import assume, given, strategies as st
 
 import moe_ops
 from moe_ops import ops
-from numerics import DEVICE, assert_within_2x, nan_filled_outputs, require_backend
+from numerics import DEVICE, assert_within_2x, nan_filled_outputs, require_backend, triton_config
 from reference import moe as RM
 
 ON_GPU = DEVICE.type == "cuda"
@@ -365,6 +365,7 @@ M1 = dict(H=6144, F=9216, E=32, k=2)
 
 
 @pytest.mark.gpu
+@pytest.mark.xdist_group("large_memory")
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("E,F,N", [(8, 9216, 512), (32, 1152, 1024), (4, 9216, 64)])
 def test_m1_shapes_bf16_within_2x_of_pytorch(backend, E, F, N):
@@ -387,6 +388,33 @@ def test_m1_shapes_bf16_within_2x_of_pytorch(backend, E, F, N):
     assert_within_2x("out", out.detach(), ref.detach(), base.detach())
     for name, a, t, b in zip(["dx", "dgate", "dgate_up", "ddown"], leaves, truth, base_leaves):
         assert_within_2x(name, a.grad, t.grad, b.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,H,F", [(2048, 1024, 1024), (64, 2048, 2048)])
+def test_every_autotune_config_matches_the_first(N, H, F):
+    """The suite pins config 0 of each autotuned kernel (tests/conftest.py); here every config kept by
+    the pruning runs fused_moe forward and backward in bf16 (prefill-sized and decode-sized problems,
+    both large enough to tune), and its error against float64 stays within 2x of config 0's."""
+    from moe_ops.triton import grouped_gemm
+    kernels = [grouped_gemm.grouped_gemm_kernel, grouped_gemm.grouped_wgrad_kernel]
+    E, k = 8, 2
+    lo = [t.to(device=DEVICE, dtype=torch.bfloat16) for t in make_moe(N, H, F, E, k, "zipf", 4)]
+    dout = torch.randn(N, H, device=DEVICE, dtype=torch.bfloat16)
+
+    def outputs_and_grads(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in lo]
+        out = fn(*leaves)
+        return [out.detach(), *torch.autograd.grad(out, leaves, dout.to(dtype))]
+
+    runs = []
+    for index in range(max(len(kernel.configs) for kernel in kernels)):
+        with triton_config(index, kernels), nan_filled_outputs():
+            runs.append(outputs_and_grads(lambda *a: moe_ops.fused_moe(*a, k, backend="triton"), torch.bfloat16))
+    ref = outputs_and_grads(lambda *a: RM.moe(*a, k), torch.float64)
+    for index, run in enumerate(runs[1:], 1):
+        for name, got, r, first in zip(["out", "dx", "dgate", "dgate_up", "ddown"], run, ref, runs[0]):
+            assert_within_2x(f"config {index}: {name}", got, r, first)
 
 
 @pytest.mark.gpu

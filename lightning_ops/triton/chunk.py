@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from m1_core.dispatch import triton_interpreted
+from m1_core.dispatch import autotune_prune, triton_interpreted
 
 BLOCK_T = 64          # tokens per block inside a segment (the intra-block attention is BT x BT)
 SCAN_ELEMENTS = 1024  # state elements per scan program
@@ -84,7 +84,8 @@ def _sequence_bases(q_ptr, k_ptr, v_ptr, o_ptr, bos, L, h, H: tl.constexpr, D: t
             o_ptr + first * (H * DV) + h * DV, sign * (H * D), sign * (H * DV))
 
 
-@triton.autotune(configs=_configs([({}, 8, 2), ({}, 8, 3)]), key=["H", "D", "DV", "REVERSE"])
+@triton.autotune(configs=_configs([({}, 8, 2), ({}, 8, 3)]), key=["H", "D", "DV", "REVERSE"],
+                 prune_configs_by=dict(early_config_prune=autotune_prune()))
 @triton.jit
 def _segment_kv_kernel(k_ptr, v_ptr, slope_ptr, kv_ptr, seg_seq_ptr, seg_lo_ptr, cu_ptr, T, G, SEG, kv_scale,
                        H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
@@ -159,7 +160,8 @@ def _segment_scan_kernel(kv_ptr, h0_ptr, final_ptr, slope_ptr, slot_ptr, seq_seg
 # spills; BV 64 uses 247 registers at 4 warps (2 programs per SM), 198 at 8 warps; BV 128 255 at 8.
 @triton.autotune(configs=_configs([(dict(BV=64), 8, 2), (dict(BV=64), 4, 2), (dict(BV=64), 8, 3),
                                    (dict(BV=128), 8, 2)]),
-                 key=["H", "D", "DV", "REVERSE"], prune_configs_by=dict(early_config_prune=_prune_value_tiles))
+                 key=["H", "D", "DV", "REVERSE"],
+                 prune_configs_by=dict(early_config_prune=autotune_prune(_prune_value_tiles)))
 @triton.jit
 def _segment_output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slope_ptr, start_ptr, seg_seq_ptr, seg_lo_ptr, cu_ptr,
                            slot_ptr, T, G, SEG, num_slots, out_scale, kv_scale,

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from m1_core.dispatch import autotune_prune
+
 
 def _set_block_shapes(nargs):
     """TMA descriptors take their box from the config being launched."""
@@ -58,10 +60,18 @@ def _configs(interpreted):
 TUNE_MIN_MACS = 1 << 30
 
 
+def _element_bytes(operand):
+    """Bytes per element of a kernel operand: a tensor, or a TMA descriptor over one."""
+    return getattr(operand, "base", operand).element_size()
+
+
 def _prune(configs, named_args, **kwargs):
     """Drop tiles far taller than the average expert segment or too big for the SwiGLU epilogues' two
     register tiles; tiny problems keep one config."""
     args = {**named_args, **kwargs}
+    if _element_bytes(args["a"]) == 4:  # fp32 doubles every buffer: one tile that fits all epilogues
+        c = next((c for c in configs if c.kwargs["BLOCK_M"] == 64), configs[0])
+        return [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=2, pre_hook=c.pre_hook)]
     rows_per_expert = max(1, args["M_BUCKET"] // max(1, args["E"]))
     epilogue = args["EPILOGUE"]
     kept = []
@@ -82,8 +92,8 @@ def _prune(configs, named_args, **kwargs):
 
 def _prune_wgrad(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    if args["M_BUCKET"] * args["P"] * args["Q"] < TUNE_MIN_MACS:
-        return configs[-1:]
+    if args["M_BUCKET"] * args["P"] * args["Q"] < TUNE_MIN_MACS or _element_bytes(args["p_ptr"]) == 4:
+        return configs[-1:]  # the smallest tile: tiny problems, and fp32 (the others overflow shared memory)
     return configs
 
 
@@ -91,7 +101,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.autotune(configs=_configs(INTERPRETED), key=["M_BUCKET", "N", "K", "E", "EPILOGUE", "USE_TMA"],
-                 prune_configs_by={"early_config_prune": _prune}, cache_results=True)
+                 prune_configs_by={"early_config_prune": autotune_prune(_prune)}, cache_results=True)
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0, "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})
 @triton.jit
 def grouped_gemm_kernel(a, w, offsets_ptr, out_ptr, preact_ptr, M, N, K, E,
@@ -205,7 +215,7 @@ def _wgrad_configs(interpreted):
 
 
 @triton.autotune(configs=_wgrad_configs(INTERPRETED), key=["M_BUCKET", "P", "Q", "E"],
-                 prune_configs_by={"early_config_prune": _prune_wgrad}, cache_results=True)
+                 prune_configs_by={"early_config_prune": autotune_prune(_prune_wgrad)}, cache_results=True)
 @triton.heuristics({"EVEN_P": lambda a: a["P"] % a["BLOCK_P"] == 0, "EVEN_Q": lambda a: a["Q"] % a["BLOCK_Q"] == 0})
 @triton.jit
 def grouped_wgrad_kernel(p_ptr, q_ptr, offsets_ptr, out_ptr, P, Q, E, stride_pr, stride_pc, stride_qr, stride_qc,
