@@ -8,7 +8,8 @@ from lightning_ops import cuda_backend
 
 from .harness import measure_ceilings, time_fn
 
-VARIANTS = {0: "default", 1: "64 cols x 128 thr", 2: "32 x 128", 3: "128 x 256", 4: "64 x 256", 5: "32 x 256"}
+VARIANTS = {0: "default", 1: "64 cols x 128 thr", 2: "32 x 128", 3: "128 x 256", 4: "64 x 256", 5: "32 x 256",
+            6: "persistent 128 x 256"}
 
 
 def main():

@@ -10,15 +10,22 @@ from reference import lightning as RL
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4, 5])
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4, 5, 6])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_tiling_matches_reference(variant, dtype):
+@pytest.mark.parametrize("B", [6, 300])
+def test_every_tiling_matches_reference(variant, dtype, B):
+    """B 300 x H 5 gives the persistent variant (6) ~11 items per block, padding rows among them."""
     from lightning_ops import cuda_backend
 
-    B, H, D, S = 6, 5, 128, 9
+    H, D = 5, 128
     q, k, v = (torch.randn(B, H, D, dtype=torch.float64) for _ in range(3))
+    if B == 6:
+        S, slots = 9, torch.tensor([4, -1, 0, 8, -3, 2], dtype=torch.int32)
+    else:  # distinct slots, every 7th row padding
+        S = B + 3
+        slots = torch.randperm(S, generator=torch.Generator().manual_seed(B))[:B].to(torch.int32)
+        slots[::7] = -1
     state = torch.randn(S, H, D, D, dtype=torch.float64)
-    slots = torch.tensor([4, -1, 0, 8, -3, 2], dtype=torch.int32)
     slope = RL.slopes(H, 78, 80)
     lo = [x.to(dtype) for x in (q, k, v)]
     o64, s64 = RL.lightning_decode_step(*[x.double() for x in lo], slope, state, slots, scale=0.3)

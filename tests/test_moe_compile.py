@@ -27,6 +27,7 @@ def compile_report(regime, epilogue, layout, tma):
     """Compile the first config the autotuner would try at M1 shapes, specialised as a real bf16 launch
     (unit strides, 16-divisible pointers and sizes, or TMA descriptors); returns its config, shared
     memory and the ops that load and multiply."""
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -34,7 +35,9 @@ def compile_report(regime, epilogue, layout, tma):
     from moe_ops.triton import grouped_gemm as G
 
     N, K = (9216, 6144) if epilogue in (1, 2) else (6144, 9216)
-    config = G._prune(G._configs(False), dict(E=32, N=N, K=K), M_BUCKET=M1_ROWS[regime], EPILOGUE=epilogue)[0]
+    bf16_operand = torch.empty(0, dtype=torch.bfloat16)
+    config = G._prune(G._configs(False), dict(a=bf16_operand, E=32, N=N, K=K), M_BUCKET=M1_ROWS[regime],
+                      EPILOGUE=epilogue)[0]
     fn = G.grouped_gemm_kernel
     while not isinstance(fn, triton.runtime.jit.JITFunction):
         fn = fn.fn
