@@ -5,6 +5,7 @@ Every public op has up to three backends with one signature: "cuda" (csrc extens
 falls back silently.
 """
 
+import contextlib
 import functools
 import os
 
@@ -39,6 +40,25 @@ def autotune_prune(prune=None):
         forced = os.environ.get("M1_TRITON_CONFIG", "")
         return kept if forced == "" else [kept[min(int(forced), len(kept) - 1)]]
     return pruned
+
+
+@contextlib.contextmanager
+def triton_config(index, kernels):
+    """Run the autotuned Triton `kernels` with the `index`-th config their pruning keeps
+    (M1_TRITON_CONFIG, see autotune_prune); their per-shape choices are forgotten before and after."""
+    previous = os.environ.get("M1_TRITON_CONFIG")
+    os.environ["M1_TRITON_CONFIG"] = str(index)
+    for kernel in kernels:
+        kernel.cache.clear()
+    try:
+        yield
+    finally:
+        for kernel in kernels:
+            kernel.cache.clear()
+        if previous is None:
+            del os.environ["M1_TRITON_CONFIG"]
+        else:
+            os.environ["M1_TRITON_CONFIG"] = previous
 
 
 def backend_error(backend: str, device: torch.device) -> str | None:

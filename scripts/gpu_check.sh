@@ -11,6 +11,7 @@
 #                pytest is interrupted and still prints its failures
 #   PYTEST_ARGS  extra pytest arguments;  BENCH_ARGS  arguments of `python -m bench` (e.g. "--only decode")
 #   SKIP_TESTS=1 / SKIP_BENCH=1 to run one half;  M1_HYPOTHESIS_EXAMPLES  examples per property test
+#   SWEEPS=1     also run the tiling sweeps (bench.sweep_decode, bench.sweep_prefill) into sweeps.log
 #   PREBUILT     an m1_core/_cuda*.so built by an earlier run of this script from the same csrc/ (it
 #                copies the one it builds to OUTDIR): skips the ~2 min CUTLASS build
 set -uo pipefail
@@ -47,7 +48,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   for entry in ${TEST_FILES:-tests}; do
     path=${entry%%:*}; limit=${entry#*:}; [ "$limit" = "$entry" ] && limit=0
     echo "== tests $path (M1_REQUIRE_GPU=1, $(date +%T), limit ${limit}s)" | tee -a "$LOG"
-    M1_REQUIRE_GPU=1 HYPOTHESIS_PROFILE=gpu timeout -s INT "$limit" python3 -m pytest "$path" -q -p no:cacheprovider \
+    M1_REQUIRE_GPU=1 HYPOTHESIS_PROFILE=gpu timeout -s INT "$limit" python3 -m pytest "$path" -v -p no:cacheprovider \
       -rfE --tb=short ${PYTEST_ARGS:-} 2>&1 | tee -a "$LOG"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   done
@@ -58,5 +59,12 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   # The device tool returns few files: pack the plots, keep the JSON loose.
   (cd "$OUTDIR/bench" && ls *.png >/dev/null 2>&1 && tar czf ../plots.tar.gz *.png && rm -f *.png)
+fi
+if [ "${SWEEPS:-0}" = 1 ]; then
+  for sweep in sweep_decode sweep_prefill; do
+    echo "== bench.$sweep ($(date +%T))" | tee -a "$OUTDIR/sweeps.log"
+    python3 -m bench.$sweep 2>&1 | tee -a "$OUTDIR/sweeps.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  done
 fi
 exit $status

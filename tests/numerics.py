@@ -1,7 +1,6 @@
 """Comparison helpers: float64 references, the "within 2x of same-precision PyTorch" rule, NaN fills."""
 
 import contextlib
-import os
 
 import pytest
 import torch
@@ -52,25 +51,6 @@ def nan_filled_outputs():
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.utils.deterministic.fill_uninitialized_memory = fill
-
-
-@contextlib.contextmanager
-def triton_config(index, kernels):
-    """Run the autotuned Triton `kernels` with the `index`-th config their pruning keeps
-    (M1_TRITON_CONFIG); their per-shape choices are forgotten before and after."""
-    previous = os.environ.get("M1_TRITON_CONFIG")
-    os.environ["M1_TRITON_CONFIG"] = str(index)
-    for kernel in kernels:
-        kernel.cache.clear()
-    try:
-        yield
-    finally:
-        for kernel in kernels:
-            kernel.cache.clear()
-        if previous is None:
-            del os.environ["M1_TRITON_CONFIG"]
-        else:
-            os.environ["M1_TRITON_CONFIG"] = previous
 
 
 def randn(*shape, dtype=torch.float32, device=DEVICE, scale=1.0, generator=None):

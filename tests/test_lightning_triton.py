@@ -12,8 +12,8 @@ from hypothesis import given, strategies as st
 
 import lightning_ops
 from lightning_ops import ops
-from m1_core.dispatch import backend_error
-from numerics import DEVICE, assert_within_2x, nan_filled_outputs, triton_config
+from m1_core.dispatch import backend_error, triton_config
+from numerics import DEVICE, assert_within_2x, nan_filled_outputs
 from reference import lightning as RL
 
 ON_GPU = DEVICE.type == "cuda"

@@ -15,9 +15,10 @@ import pytest
 import torch
 from hypothesis import assume, given, strategies as st
 
+from m1_core.dispatch import triton_config
 import moe_ops
 from moe_ops import ops
-from numerics import DEVICE, assert_within_2x, nan_filled_outputs, require_backend, triton_config
+from numerics import DEVICE, assert_within_2x, nan_filled_outputs, require_backend
 from reference import moe as RM
 
 ON_GPU = DEVICE.type == "cuda"

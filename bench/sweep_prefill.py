@@ -1,0 +1,44 @@
+"""Segment length x output-kernel config sweep of the Triton lightning prefill forward
+(lightning_ops/triton/chunk.py), against the byte floor. `python -m bench.sweep_prefill` on a GPU;
+the result sets `default_segment_len` and the order of the autotune list. Column i forces config i of
+the output kernel (and config min(i, 1) of the segment-sum kernel) through M1_TRITON_CONFIG; `*` marks
+the segment length the op picks today."""
+
+import torch
+
+import lightning_ops
+from lightning_ops.triton import chunk
+from m1_core.dispatch import triton_config
+
+from .harness import measure_ceilings, time_fn
+
+SHAPES = [(1, 8192, 64), (1, 32768, 64), (1, 131072, 8), (1, 1 << 20, 8)]  # (B, T, H), D = Dv = 128
+SEGMENTS = [1024, 2048, 4096, 8192, 16384]
+
+
+def main():
+    device = torch.device("cuda")
+    bw = measure_ceilings(device)["copy_GBps"]
+    kernels = [chunk._segment_kv_kernel, chunk._segment_output_kernel]
+    configs = [f"BV{c.kwargs['BV']} w{c.num_warps} s{c.num_stages}" for c in chunk._segment_output_kernel.configs]
+    print(f"copy bandwidth {bw:.0f} GB/s; cells: ms and fraction of the floor (q, k, v read, o written once)")
+    print(f"{'shape':<18}{'segment':>8}" + "".join(f"{c:>18}" for c in configs))
+    for B, T, H in SHAPES:
+        slope = lightning_ops.slopes(H, 0, 80, device=device)
+        sets = [[torch.randn(B, T, H, 128, device=device, dtype=torch.bfloat16) for _ in range(3)] for _ in range(2)]
+        floor = 4 * B * T * H * 128 * 2 / (bw * 1e9) * 1e3
+        default = chunk.default_segment_len(B * T, H, 128, device)
+        for seg in SEGMENTS:
+            cells = []
+            for index in range(len(configs)):
+                with triton_config(index, kernels):
+                    t = time_fn(lambda x, s=seg: chunk.chunk_lightning(*x, slope, None, None, segment_len=s),
+                                sets, device)["median_ms"]
+                cells.append(f"{t:8.3f} {floor / t:5.2f}")
+            mark = "*" if seg == default else " "
+            print(f"B{B} T{T:<8} H{H:<3}{seg:>7}{mark}" + "".join(f"{c:>18}" for c in cells))
+        del sets
+
+
+if __name__ == "__main__":
+    main()
