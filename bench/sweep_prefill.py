@@ -37,7 +37,21 @@ def main():
                 cells.append(f"{t:8.3f} {floor / t:5.2f}")
             mark = "*" if seg == default else " "
             print(f"B{B} T{T:<8} H{H:<3}{seg:>7}{mark}" + "".join(f"{c:>18}" for c in cells))
+        print("    per kernel at the default segment, tuned configs: " + kernel_times(
+            lambda: chunk.chunk_lightning(*sets[0], slope, None, None)))
         del sets
+
+
+def kernel_times(fn, calls=10):
+    """Mean GPU time per call of each kernel fn launches (torch.profiler): where the time goes."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = [e for e in prof.key_averages() if e.device_time_total > 0]
+    return ", ".join(f"{e.key[:40]} {e.device_time_total / calls / 1e3:.3f} ms" for e in rows)
 
 
 if __name__ == "__main__":
