@@ -336,7 +336,8 @@ def test_every_autotune_config_matches_the_first():
 
     def outputs_and_grads(fn, dtype):
         state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)] + [h0.to(state_dtype).requires_grad_()]
+        leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        leaves.append(h0.detach().to(state_dtype).requires_grad_())
         o, final = fn(*leaves)
         grads = torch.autograd.grad([o, final], leaves, [do.to(o), dfinal.to(final)])
         return [o.detach(), final.detach(), *grads]

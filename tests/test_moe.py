@@ -15,8 +15,8 @@ import pytest
 import torch
 from hypothesis import assume, given, strategies as st
 
-from m1_core.dispatch import triton_config
 import moe_ops
+from m1_core.dispatch import triton_config
 from moe_ops import ops
 from numerics import DEVICE, assert_within_2x, nan_filled_outputs, require_backend
 from reference import moe as RM
@@ -404,7 +404,7 @@ def test_every_autotune_config_matches_the_first(N, H, F):
     dout = torch.randn(N, H, device=DEVICE, dtype=torch.bfloat16)
 
     def outputs_and_grads(fn, dtype):
-        leaves = [t.to(dtype).requires_grad_() for t in lo]
+        leaves = [t.detach().to(dtype).requires_grad_() for t in lo]
         out = fn(*leaves)
         return [out.detach(), *torch.autograd.grad(out, leaves, dout.to(dtype))]
 
