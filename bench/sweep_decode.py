@@ -1,34 +1,45 @@
-"""Tiling sweep of the CUDA decode kernel (csrc/lightning_decode.cu variants), timed as CUDA-graph
-replays. `python -m bench.sweep_decode` on a GPU; the result picks the kernel's default tiling."""
+"""Tiling sweep of the decode kernels (csrc/lightning_decode.cu variants, Triton value tiles), timed as
+CUDA-graph replays next to a device copy of the same bytes. `python -m bench.sweep_decode` on a GPU;
+the result picks the kernels' default tilings."""
 
 import torch
 
 import lightning_ops
 from lightning_ops import cuda_backend
+from lightning_ops.triton import fused_recurrent_lightning_decode
 
 from .harness import measure_ceilings, time_fn
 
 VARIANTS = {0: "default", 1: "64 cols x 128 thr", 2: "32 x 128", 3: "128 x 256", 4: "64 x 256", 5: "32 x 256",
-            6: "persistent 128 x 256"}
+            6: "128 x 512", 7: "128 x 1024", 8: "64 x 512"}
+TRITON_TILES = [None, (32, 2), (64, 4), (64, 8), (128, 8)]  # (BV, num_warps); None: the batch picks
 
 
 def main():
     device = torch.device("cuda")
     bw = measure_ceilings(device)["copy_GBps"]
     print(f"copy bandwidth {bw:.0f} GB/s")
-    print(f"{'shape':<16}" + "".join(f"{name:>20}" for name in VARIANTS.values()))
+    names = [f"cuda {name}" for name in VARIANTS.values()]
+    names += [f"triton BV{t[0]} w{t[1]}" if t else "triton default" for t in TRITON_TILES]
+    print(f"{'shape':<16}" + "".join(f"{name:>20}" for name in names + ["state copy"]))
     for H in (64, 8):
         for B in (16, 64, 128, 256):
             slope = lightning_ops.slopes(H, 0, 80, device=device)
             sets = []
             for _ in range(2):
                 q, k, v = (torch.randn(B, H, 128, device=device, dtype=torch.bfloat16) for _ in range(3))
-                sets.append((q, k, v, torch.randn(B, H, 128, 128, device=device),
-                             torch.arange(B, dtype=torch.int32, device=device)))
+                state = torch.randn(B, H, 128, 128, device=device)
+                sets.append((q, k, v, state, torch.arange(B, dtype=torch.int32, device=device),
+                             torch.empty_like(state)))
             floor = 2 * B * H * 128 * 128 * 4 / (bw * 1e9) * 1e3
+            fns = [lambda x, var=variant: cuda_backend.lightning_decode(*x[:3], slope, x[3], x[4], 1.0, var)
+                   for variant in VARIANTS]
+            fns += [lambda x, t=tile: fused_recurrent_lightning_decode(*x[:3], slope, x[3], x[4], 1.0, t)
+                    for tile in TRITON_TILES]
+            # The same bytes as one state-sized device copy: what launch and ramp leave of the floor.
+            fns.append(lambda x: x[5].copy_(x[3]))
             cells = []
-            for variant in VARIANTS:
-                fn = lambda x, var=variant: cuda_backend.lightning_decode(*x[:3], slope, x[3], x[4], 1.0, var)  # noqa: E731
+            for fn in fns:
                 t = time_fn(fn, sets, device, cuda_graph=True)["median_ms"]
                 cells.append(f"{t * 1e3:8.1f}us {floor / t:5.2f}")
             print(f"B{B:<4} H{H:<9}" + "".join(f"{c:>20}" for c in cells))

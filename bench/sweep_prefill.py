@@ -2,9 +2,11 @@
 (lightning_ops/triton/chunk.py), against the byte floor. `python -m bench.sweep_prefill` on a GPU;
 the result sets `default_segment_len` and the order of the autotune list. Column i forces config i of
 the output kernel (and config min(i, 1) of the segment-sum kernel) through M1_TRITON_CONFIG; `*` marks
-the segment length the op picks today."""
+the segment length the op picks today. The default segment is then timed without and with the final
+state (which adds the last segment's sums and the hi + lo split of pass 1)."""
 
 import torch
+import triton
 
 import lightning_ops
 from lightning_ops.triton import chunk
@@ -28,17 +30,22 @@ def main():
         sets = [[torch.randn(B, T, H, 128, device=device, dtype=torch.bfloat16) for _ in range(3)] for _ in range(2)]
         floor = 4 * B * T * H * 128 * 2 / (bw * 1e9) * 1e3
         default = chunk.default_segment_len(B * T, H, 128, device)
-        for seg in SEGMENTS:
+        for seg in [s for s in SEGMENTS if s <= T]:
             cells = []
             for index in range(len(configs)):
-                with triton_config(index, kernels):
-                    t = time_fn(lambda x, s=seg: chunk.chunk_lightning(*x, slope, None, None, segment_len=s),
-                                sets, device)["median_ms"]
-                cells.append(f"{t:8.3f} {floor / t:5.2f}")
+                try:
+                    with triton_config(index, kernels):
+                        t = time_fn(lambda x, s=seg: chunk.chunk_lightning(*x, slope, None, None, segment_len=s),
+                                    sets, device)["median_ms"]
+                    cells.append(f"{t:8.3f} {floor / t:5.2f}")
+                except triton.runtime.errors.OutOfResources:
+                    cells.append("out of resources")
             mark = "*" if seg == default else " "
             print(f"B{B} T{T:<8} H{H:<3}{seg:>7}{mark}" + "".join(f"{c:>18}" for c in cells))
-        print("    per kernel at the default segment, tuned configs: " + kernel_times(
-            lambda: chunk.chunk_lightning(*sets[0], slope, None, None)))
+        for final in (None, "new"):
+            run = lambda: chunk.chunk_lightning(*sets[0], slope, None, None, final=final)  # noqa: E731
+            t = time_fn(lambda _: run(), [None], device)["median_ms"]
+            print(f"    default segment, tuned configs, final={final}: {t:.3f} ms; per kernel: {kernel_times(run)}")
         del sets
 
 

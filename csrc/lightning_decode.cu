@@ -62,9 +62,8 @@ struct DecodeTile {
   }
 
   // S = lambda S + k^T v, stored back (streaming), and o = scale * q S summed over the block's rows
-  // into out. partial: WARPS x COL_THREADS float4 of shared memory, not in use by another tile.
+  // into out. partial: WARPS x COL_THREADS float4 of shared memory.
   // Padding rows (slot < 0) write zeros, out-of-range slots NaN (checking on the host would sync).
-  // One __syncthreads whatever the row (the persistent kernel counts on it): call it block-uniformly.
   __device__ __forceinline__ void update_and_store(const LightningDecodeArgs& a, float4* partial) {
     T* out = static_cast<T*>(a.out) + (int64_t(b) * a.num_heads + h) * DV + col;
     const int row_group = threadIdx.x / COL_THREADS;
@@ -74,7 +73,6 @@ struct DecodeTile {
 #pragma unroll
         for (int j = 0; j < 4; ++j) out[j] = from_float<T>(fill);
       }
-      __syncthreads();
       return;
     }
     const float decay = __expf(-static_cast<const float*>(a.slope)[h]);
@@ -117,9 +115,10 @@ struct DecodeTile {
   }
 };
 
-// One block per (row, head) x column slice: load, update, store, exit.
-template <typename T, int D, int DV, int COLS, int THREADS>
-__global__ void __launch_bounds__(THREADS) lightning_decode_kernel(LightningDecodeArgs a) {
+// One block per (row, head) x column slice: load, update, store, exit. MIN_BLOCKS resident blocks per
+// SM cap the registers (each thread's ROWS float4 of state must stay in registers, not spill).
+template <typename T, int D, int DV, int COLS, int THREADS, int MIN_BLOCKS>
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS) lightning_decode_kernel(LightningDecodeArgs a) {
   using Tile = DecodeTile<T, D, DV, COLS, THREADS>;
   __shared__ float4 partial[Tile::WARPS * Tile::COL_THREADS];
   Tile tile;
@@ -127,50 +126,11 @@ __global__ void __launch_bounds__(THREADS) lightning_decode_kernel(LightningDeco
   tile.update_and_store(a, partial);
 }
 
-// Persistent: one block per SM walks whole (row, head) items with stride gridDim.x, and issues the
-// loads of its next item before updating and storing the current one, so the SM's read stream does
-// not stop between items (a one-shot block loads, computes and stores, and only its successor's
-// loads follow). Two register tiles alternate; their partial-sum buffers alternate too, so one
-// __syncthreads per item suffices (a buffer is rewritten only after the next item's barrier, which
-// its readers have passed).
-template <typename T, int D, int DV>
-__global__ void __launch_bounds__(256, 1) lightning_decode_persistent_kernel(LightningDecodeArgs a) {
-  using Tile = DecodeTile<T, D, DV, DV, 256>;
-  __shared__ float4 partial[2][Tile::WARPS * Tile::COL_THREADS];
-  const int64_t items = a.batch * a.num_heads;
-  Tile even, odd;
-  int64_t item = blockIdx.x;
-  even.load(a, item, 0);
-  while (true) {
-    const int64_t next = item + gridDim.x;
-    if (next < items) odd.load(a, next, 0);
-    even.update_and_store(a, partial[0]);
-    if (next >= items) break;
-    const int64_t after = next + gridDim.x;
-    if (after < items) even.load(a, after, 0);
-    odd.update_and_store(a, partial[1]);
-    if (after >= items) break;
-    item = after;
-  }
-}
-
-template <typename T, int D, int DV, int COLS, int THREADS>
+template <typename T, int D, int DV, int COLS, int THREADS, int MIN_BLOCKS = 1>
 cudaError_t launch(const LightningDecodeArgs& a) {
   const dim3 grid(static_cast<unsigned>(a.batch * a.num_heads), DV / COLS);
-  lightning_decode_kernel<T, D, DV, COLS, THREADS>
+  lightning_decode_kernel<T, D, DV, COLS, THREADS, MIN_BLOCKS>
       <<<grid, THREADS, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(a);
-  return cudaGetLastError();
-}
-
-template <typename T, int D, int DV>
-cudaError_t launch_persistent(const LightningDecodeArgs& a) {
-  int device = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return err;
-  const int64_t items = a.batch * a.num_heads;
-  const unsigned blocks = static_cast<unsigned>(items < sms ? items : sms);
-  lightning_decode_persistent_kernel<T, D, DV><<<blocks, 256, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(a);
   return cudaGetLastError();
 }
 
@@ -182,16 +142,18 @@ cudaError_t launch(const LightningDecodeArgs& a) {
     switch (a.variant) {
       case 1: return launch<T, D, DV, 64, 128>(a);
       case 2: return launch<T, D, DV, 32, 128>(a);
-      case 3: return launch<T, D, DV, 128, 256>(a);
+      case 3: return launch<T, D, DV, 128, 256, 2>(a);
       case 4: return launch<T, D, DV, 64, 256>(a);
       case 5: return launch<T, D, DV, 32, 256>(a);
-      case 6: return launch_persistent<T, D, DV>(a);
+      case 6: return launch<T, D, DV, 128, 512, 2>(a);
+      case 7: return launch<T, D, DV, 128, 1024>(a);
+      case 8: return launch<T, D, DV, 64, 512, 2>(a);
       default: break;
     }
   }
   // Whole state rows per block, 256 threads: best or tied-best in the H100 sweep at every B, H
   // (bench/NOTES.md: B128 H64 0.95 of floor, B16 H64 0.89).
-  return launch<T, D, DV, DV, 256>(a);
+  return launch<T, D, DV, DV, 256, 2>(a);
 }
 
 template <typename T>

@@ -68,8 +68,10 @@ def _prefill(q, k, v, slope, initial_state, cu_seqlens, scale, slot_idx=None):
     return o, final
 
 
-def lightning_fwd(q, k, v, slope, initial_state, cu_seqlens, scale):
-    """Tensor-core forward (csrc/lightning_prefill.cu); bf16/fp16 only. Returns (o, final states)."""
+def lightning_fwd(q, k, v, slope, initial_state, cu_seqlens, scale, output_final_state=True):
+    """Tensor-core forward (csrc/lightning_prefill.cu); bf16/fp16 only. Returns (o, final states): the
+    kernel's scan writes the final states whether or not they are asked for (they cost one state-sized
+    write per sequence and head)."""
     return _prefill(q, k, v, slope, initial_state, cu_seqlens, scale)
 
 

@@ -39,18 +39,21 @@ def _impl(backend: str):
 @torch.library.custom_op("m1_ops::lightning_attn_fwd", mutates_args=())
 def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor,
               initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], scale: float,
-              backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+              output_final_state: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if cu_seqlens is not None and not capturing(q.device):
         _check_cu_seqlens_values(cu_seqlens, q.shape[1])
-    o, final = _impl(backend).lightning_fwd(q, k, v, slope, initial_state, cu_seqlens, scale)
+    o, final = _impl(backend).lightning_fwd(q, k, v, slope, initial_state, cu_seqlens, scale, output_final_state)
+    if final is None or not output_final_state:  # ops cannot return None: empty stands for "not asked for"
+        final = q.new_empty(0, dtype=torch.float32)
     return o, final
 
 
 @_attn_fwd.register_fake
-def _(q, k, v, slope, initial_state, cu_seqlens, scale, backend):
+def _(q, k, v, slope, initial_state, cu_seqlens, scale, output_final_state, backend):
     B, T, H, D = q.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return v.new_empty(B, T, H, v.shape[-1]), q.new_empty(N, H, D, v.shape[-1], dtype=torch.float32)
+    final_shape = (N, H, D, v.shape[-1]) if output_final_state else (0,)
+    return v.new_empty(B, T, H, v.shape[-1]), q.new_empty(final_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("m1_ops::lightning_attn_bwd", mutates_args=())
@@ -71,16 +74,17 @@ def _(do, dfinal, q, k, v, slope, initial_state, cu_seqlens, scale, backend):
 
 
 def _attn_setup_context(ctx, inputs, output):
-    q, k, v, slope, initial_state, cu_seqlens, scale, backend = inputs
+    q, k, v, slope, initial_state, cu_seqlens, scale, output_final_state, backend = inputs
     ctx.save_for_backward(q, k, v, slope, initial_state, cu_seqlens)
-    ctx.scale, ctx.backend = scale, backend
+    ctx.scale, ctx.output_final_state, ctx.backend = scale, output_final_state, backend
 
 
 def _attn_backward(ctx, do, dfinal):
     q, k, v, slope, initial_state, cu_seqlens = ctx.saved_tensors
+    dfinal = dfinal if ctx.output_final_state else None
     dq, dk, dv, dh0 = _attn_bwd(do.contiguous(), dfinal, q, k, v, slope, initial_state, cu_seqlens,
                                 ctx.scale, ctx.backend)
-    return dq, dk, dv, None, (dh0 if initial_state is not None else None), None, None, None
+    return dq, dk, dv, None, (dh0 if initial_state is not None else None), None, None, None, None
 
 
 _attn_fwd.register_autograd(_attn_backward, setup_context=_attn_setup_context)
@@ -229,7 +233,8 @@ def lightning_attn(q, k, v, slope, *, scale=1.0, initial_state=None, output_fina
             _check_cu_seqlens_values(cu_seqlens, T)
         o, final = torch_backend.lightning_fwd(q, k, v, slope, initial_state, cu_seqlens, float(scale))
     else:
-        o, final = _attn_fwd(q, k, v, slope, initial_state, cu_seqlens, float(scale), backend)
+        o, final = _attn_fwd(q, k, v, slope, initial_state, cu_seqlens, float(scale), output_final_state,
+                             backend)
     return o, (final if output_final_state else None)
 
 

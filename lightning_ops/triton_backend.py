@@ -14,9 +14,11 @@ so the backward costs three forward passes.
 from .triton import chunk_lightning, fused_recurrent_lightning_decode
 
 
-def lightning_fwd(q, k, v, slope, initial_state, cu_seqlens, scale):
-    """Returns (o like v in q's dtype, final states [N, H, D, Dv] fp32)."""
-    return chunk_lightning(q, k, v, slope, initial_state, cu_seqlens, out_scale=scale, final="new")
+def lightning_fwd(q, k, v, slope, initial_state, cu_seqlens, scale, output_final_state=True):
+    """Returns (o like v in q's dtype, final states [N, H, D, Dv] fp32, or None when not asked for:
+    the kernels then skip the work only the final state needs)."""
+    return chunk_lightning(q, k, v, slope, initial_state, cu_seqlens, out_scale=scale,
+                           final="new" if output_final_state else None)
 
 
 def lightning_fwd_slots(q, k, v, slope, state, slot_idx, cu_seqlens, scale):

@@ -122,4 +122,4 @@ def test_public_api_continuation_gradients_and_opcheck():
         for name, g, t in zip(("dq", "dk", "dv"), got, truth):
             rel = ((g - t).norm() / t.norm()).item()
             assert rel < 5e-3, f"{backend} {name}: relative error {rel:.2e}"
-    torch.library.opcheck(ops._attn_fwd, (q, k, v, slope, h0, None, 1.0, "cuda"))
+    torch.library.opcheck(ops._attn_fwd, (q, k, v, slope, h0, None, 1.0, True, "cuda"))

@@ -235,9 +235,9 @@ def test_opcheck_lightning_attn(backend):
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     cu = torch.tensor([0, 10, 33], dtype=torch.int32, device=DEVICE)
     h0_2 = h0.repeat(2, 1, 1, 1).contiguous()
-    torch.library.opcheck(ops._attn_fwd, (q, k, v, slope, h0, None, 1.0, backend))
-    torch.library.opcheck(ops._attn_fwd, (q, k, v, slope, h0_2, cu, 0.5, backend))
-    torch.library.opcheck(ops._attn_fwd, (q, k, v, slope, None, None, 1.0, backend))
+    torch.library.opcheck(ops._attn_fwd, (q, k, v, slope, h0, None, 1.0, True, backend))
+    torch.library.opcheck(ops._attn_fwd, (q, k, v, slope, h0_2, cu, 0.5, True, backend))
+    torch.library.opcheck(ops._attn_fwd, (q, k, v, slope, None, None, 1.0, False, backend))
 
 
 @pytest.mark.parametrize("backend", DECODE_KERNELS)

@@ -10,9 +10,11 @@ Each sequence is cut into segments of `segment_len` tokens (a multiple of the bl
 (segments x heads x value tiles) programs fill the GPU without ever storing a per-block state:
 
 1. `_segment_kv_kernel` reads k, v of one segment once and writes its decayed key-value sum
-   sum_j lambda^(end-1-j) k_j^T v_j (fp32, [D, Dv]). With half-precision inputs the decayed keys go
-   to the tensor cores as a hi + lo pair, so segment sums, start and final states are as exact as an
-   fp32 computation on the same inputs (pass 3's on-chip state only feeds the half-precision output).
+   sum_j lambda^(end-1-j) k_j^T v_j (fp32, [D, Dv]). When the final state is returned, half-precision
+   decayed keys go to the tensor cores as a hi + lo pair, so segment sums and final states are as
+   exact as an fp32 computation on the same inputs; otherwise the states only feed the half-precision
+   output (as pass 3's on-chip state always does), one dot suffices and the last segment of each
+   sequence needs no sum.
 2. `_segment_scan_kernel` walks the segments of each sequence (element-parallel over the state) and
    replaces every sum by the state at its segment's start; the walk ends with the final state.
 3. `_segment_output_kernel` runs one segment block by block, keeping a [D, BV] fp32 state tile on
@@ -24,7 +26,8 @@ which the backward needs for its shifted initial state (see `reverse` in `chunk_
 
 Memory traffic: q, k, v read once and o written once by pass 3 (its value tiles of one segment are
 launched next to each other, so the second tile finds q and k in L2), k and v read once more by
-pass 1, plus 4 state-sized fp32 tiles per segment (~4% at the default segment length).
+pass 1 (except the last segment of each sequence when no final state is asked for: with few long
+segments pass 1 reads little), plus 4 state-sized fp32 tiles per segment (~3% at the default length).
 """
 
 import math
@@ -90,10 +93,12 @@ def _sequence_bases(q_ptr, k_ptr, v_ptr, o_ptr, bos, L, h, H: tl.constexpr, D: t
 def _segment_kv_kernel(k_ptr, v_ptr, slope_ptr, kv_ptr, seg_seq_ptr, seg_lo_ptr, cu_ptr, T, G, SEG, kv_scale,
                        H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
                        REVERSE: tl.constexpr, VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
-                       SPLIT: tl.constexpr):
+                       SPLIT: tl.constexpr, LAST_SUM: tl.constexpr):
     g = tl.program_id(0)
     h = tl.program_id(1)
     n, bos, L, lo, hi = _segment_bounds(g, seg_seq_ptr, seg_lo_ptr, cu_ptr, T, G, SEG, VARLEN)
+    if not LAST_SUM:  # only the final state needs the last segment's sum: store zeros, read nothing
+        hi = tl.where(hi >= L, lo, hi)
     s = tl.load(slope_ptr + h)
     rows = tl.arange(0, BT)
     d = tl.arange(0, D)
@@ -157,9 +162,11 @@ def _segment_scan_kernel(kv_ptr, h0_ptr, final_ptr, slope_ptr, slot_ptr, seq_seg
 
 
 # ptxas (sm_90a, bf16, D = Dv = 128, 16-byte-aligned pointers as Triton specialises them): no config
-# spills; BV 64 uses 247 registers at 4 warps (2 programs per SM), 198 at 8 warps; BV 128 255 at 8.
-@triton.autotune(configs=_configs([(dict(BV=64), 8, 2), (dict(BV=64), 4, 2), (dict(BV=64), 8, 3),
-                                   (dict(BV=128), 8, 2)]),
+# spills; BV 64 uses 247 registers at 4 warps (2 programs per SM), 198 at 8 warps (1 per SM); BV 128
+# 255 at 8. First: the H200 sweep's best at every shape (bench/NOTES.md); BV 64 at 8 warps, 2 stages
+# was never better than 3 stages.
+@triton.autotune(configs=_configs([(dict(BV=64), 4, 2), (dict(BV=64), 8, 3), (dict(BV=128), 8, 2),
+                                   (dict(BV=128), 8, 3)]),
                  key=["H", "D", "DV", "REVERSE"],
                  prune_configs_by=dict(early_config_prune=autotune_prune(_prune_value_tiles)))
 @triton.jit
@@ -212,11 +219,12 @@ def _segment_output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slope_ptr, start_ptr, seg
 
 
 def default_segment_len(total_tokens: int, heads: int, dv: int, device: torch.device) -> int:
-    """Segment length (a power of two, >= BLOCK_T) giving about 8 output programs per SM (4 waves at 2
-    resident per SM): enough to fill the GPU, few enough that the per-segment state traffic (256 KB
-    per segment and head at D = Dv = 128) stays ~4% of q/k/v/o at M1 shapes."""
+    """Segment length (a power of two, >= BLOCK_T) giving about 4 output programs per SM (2 waves at 2
+    resident per SM). Longer segments mean fewer sums for pass 1 to read (it skips each sequence's last
+    segment), shorter ones fill the GPU: bench/sweep_prefill.py on the H200 puts the optimum at 3-4
+    programs per SM from T 8K H64 to T 1M H8 (bench/NOTES.md)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    work = total_tokens * heads * max(dv // 64, 1) / (8 * sms)
+    work = total_tokens * heads * max(dv // 64, 1) / (4 * sms)
     seg = 1 << max(0, round(math.log2(max(work, 1.0))))
     return int(min(max(seg, BLOCK_T), MAX_SEGMENT))
 
@@ -270,13 +278,16 @@ def chunk_lightning(q, k, v, slope, h0, cu_seqlens, *, out_scale=1.0, kv_scale=1
         rows, seg_seq, seg_lo, seg0 = _segment_table(cu_seqlens, B * T, seg)
         cu = cu_seqlens
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    # Half-precision decayed keys as a hi + lo pair only where a final state is returned: start states
+    # that only feed a half-precision output do not need fp32-exact sums.
+    exact_sums = final is not None and q.dtype != torch.float32
     states = torch.empty(rows, H, D, Dv, dtype=torch.float32, device=device)
     use_slots = slot_idx is not None
     num_slots = h0.shape[0] if h0 is not None else 0
     if rows:
         _segment_kv_kernel[(rows, H)](k, v, slope, states, seg_seq, seg_lo, cu, T, G, seg, float(kv_scale),
                                       H=H, D=D, DV=Dv, BT=BLOCK_T, REVERSE=reverse, VARLEN=cu is not None,
-                                      DOT_PREC=dot_prec, SPLIT=q.dtype != torch.float32)
+                                      DOT_PREC=dot_prec, SPLIT=exact_sums, LAST_SUM=final is not None)
     if N:
         _segment_scan_kernel[(N, H, triton.cdiv(D * Dv, SCAN_ELEMENTS))](
             states, h0, final, slope, slot_idx, seg0, cu, T, G, seg, num_slots, H=H, D=D, DV=Dv,

@@ -48,16 +48,18 @@ def _value_tile(rows: int, dv: int) -> int:
     return bv
 
 
-def fused_recurrent_lightning_decode(q, k, v, slope, state, slot_idx, scale):
+def fused_recurrent_lightning_decode(q, k, v, slope, state, slot_idx, scale, tile=None):
     """q, k [B, H, D]; v [B, H, Dv] (unit last stride); state [S, H, D, Dv] fp32 contiguous, updated in
-    place; slot_idx [B] int32. Returns o [B, H, Dv] in q's dtype."""
+    place; slot_idx [B] int32. Returns o [B, H, Dv] in q's dtype. `tile` = (BV, num_warps) forces a
+    tiling (bench/sweep_decode.py); None picks it from the batch."""
     B, H, D = q.shape
     Dv = v.shape[-1]
     o = torch.empty(B, H, Dv, dtype=q.dtype, device=q.device)
     if B == 0:
         return o
-    bv = _value_tile(B * H, Dv)
+    bv = _value_tile(B * H, Dv) if tile is None else tile[0]
+    warps = max(1, min(8, D * bv // 2048)) if tile is None else tile[1]
     _decode_kernel[(B, H, Dv // bv)](q, k, v, slope, state, slot_idx, o, q.stride(0), q.stride(1), k.stride(0),
                                      k.stride(1), v.stride(0), v.stride(1), state.shape[0], float(scale),
-                                     H=H, D=D, DV=Dv, BV=bv, num_warps=max(1, min(8, D * bv // 2048)))
+                                     H=H, D=D, DV=Dv, BV=bv, num_warps=warps)
     return o
