@@ -151,8 +151,8 @@ cudaError_t launch(const LightningDecodeArgs& a) {
       default: break;
     }
   }
-  // Whole state rows per block, 256 threads: best or tied-best in the H100 sweep at every B, H
-  // (bench/NOTES.md: B128 H64 0.95 of floor, B16 H64 0.89).
+  // Whole state rows per block, 256 threads, 2 blocks per SM: best or tied-best in the H100 sweep at
+  // every B, H; on the H200 the wider variants 6-8 are within run-to-run spread of it (bench/NOTES.md).
   return launch<T, D, DV, DV, 256, 2>(a);
 }
 
