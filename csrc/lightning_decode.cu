@@ -16,114 +16,93 @@
 namespace m1 {
 namespace {
 
-// One (row b, head h, slice of COLS state columns) in the registers of a THREADS-thread block: each
-// thread owns one 16-byte column group and ROWS rows (row_group + i * ROW_GROUPS).
-template <typename T, int D, int DV, int COLS, int THREADS>
-struct DecodeTile {
-  static constexpr int COL_THREADS = COLS / 4;               // one float4 of columns per thread
-  static constexpr int ROW_GROUPS = THREADS / COL_THREADS;   // rows processed in parallel
-  static constexpr int ROWS = D / ROW_GROUPS;                // rows per thread
-  static constexpr int WARPS = THREADS / 32;
-  static_assert(THREADS % COL_THREADS == 0 && D % ROW_GROUPS == 0 && COL_THREADS <= 32, "bad tiling");
-
-  float4 s[ROWS];
-  float q[ROWS], k[ROWS], v[4];
-  int b, h, col, slot;
-
-  __device__ __forceinline__ bool valid(const LightningDecodeArgs& a) const { return slot >= 0 && slot < a.num_slots; }
-
-  __device__ __forceinline__ float4* state_ptr(const LightningDecodeArgs& a) const {
-    return reinterpret_cast<float4*>(static_cast<float*>(a.state) + (int64_t(slot) * a.num_heads + h) * (int64_t(D) * DV) +
-                                     col);
-  }
-
-  // Issue every load of item bh (= b * num_heads + h) for column slice col_block: the state first, all
-  // ROWS 16-byte loads in flight per thread (evict-first: each element is touched once), then q, k, v.
-  __device__ __forceinline__ void load(const LightningDecodeArgs& a, int64_t bh, int col_block) {
-    b = static_cast<int>(bh / a.num_heads);
-    h = static_cast<int>(bh - int64_t(b) * a.num_heads);
-    const int row_group = threadIdx.x / COL_THREADS;
-    col = col_block * COLS + (threadIdx.x % COL_THREADS) * 4;
-    slot = static_cast<const int*>(a.slot_idx)[b];
-    if (!valid(a)) return;
-    const float4* state = state_ptr(a);
-#pragma unroll
-    for (int i = 0; i < ROWS; ++i) s[i] = __ldcs(&state[(row_group + i * ROW_GROUPS) * (DV / 4)]);
-    const T* qp = static_cast<const T*>(a.q) + int64_t(b) * a.q_stride_b + int64_t(h) * a.q_stride_h;
-    const T* kp = static_cast<const T*>(a.k) + int64_t(b) * a.k_stride_b + int64_t(h) * a.k_stride_h;
-    const T* vp = static_cast<const T*>(a.v) + int64_t(b) * a.v_stride_b + int64_t(h) * a.v_stride_h;
-#pragma unroll
-    for (int i = 0; i < ROWS; ++i) {
-      q[i] = to_float(qp[row_group + i * ROW_GROUPS]);
-      k[i] = to_float(kp[row_group + i * ROW_GROUPS]);
-    }
-#pragma unroll
-    for (int j = 0; j < 4; ++j) v[j] = to_float(vp[col + j]);
-  }
-
-  // S = lambda S + k^T v, stored back (streaming), and o = scale * q S summed over the block's rows
-  // into out. partial: WARPS x COL_THREADS float4 of shared memory.
-  // Padding rows (slot < 0) write zeros, out-of-range slots NaN (checking on the host would sync).
-  __device__ __forceinline__ void update_and_store(const LightningDecodeArgs& a, float4* partial) {
-    T* out = static_cast<T*>(a.out) + (int64_t(b) * a.num_heads + h) * DV + col;
-    const int row_group = threadIdx.x / COL_THREADS;
-    if (!valid(a)) {
-      const float fill = slot < 0 ? 0.f : __int_as_float(0x7fc00000);
-      if (row_group == 0) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) out[j] = from_float<T>(fill);
-      }
-      return;
-    }
-    const float decay = __expf(-static_cast<const float*>(a.slope)[h]);
-    float4* state = state_ptr(a);
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int i = 0; i < ROWS; ++i) {
-      s[i].x = fmaf(decay, s[i].x, k[i] * v[0]);
-      s[i].y = fmaf(decay, s[i].y, k[i] * v[1]);
-      s[i].z = fmaf(decay, s[i].z, k[i] * v[2]);
-      s[i].w = fmaf(decay, s[i].w, k[i] * v[3]);
-      acc[0] = fmaf(q[i], s[i].x, acc[0]);
-      acc[1] = fmaf(q[i], s[i].y, acc[1]);
-      acc[2] = fmaf(q[i], s[i].z, acc[2]);
-      acc[3] = fmaf(q[i], s[i].w, acc[3]);
-      __stcs(&state[(row_group + i * ROW_GROUPS) * (DV / 4)], s[i]);  // streaming: not re-read by this step
-    }
-    // Sum the partial outputs over row groups: first inside the warp, then across warps.
-#pragma unroll
-    for (int offset = COL_THREADS; offset < 32; offset *= 2) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], offset);
-    }
-    const int warp = threadIdx.x / 32;
-    const int lane = threadIdx.x % 32;
-    if (lane < COL_THREADS) partial[warp * COL_THREADS + lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-    __syncthreads();
-    if (threadIdx.x < COL_THREADS) {
-      float4 total = partial[threadIdx.x];
-#pragma unroll
-      for (int w = 1; w < WARPS; ++w) {
-        const float4 p = partial[w * COL_THREADS + threadIdx.x];
-        total.x += p.x; total.y += p.y; total.z += p.z; total.w += p.w;
-      }
-      out[0] = from_float<T>(a.scale * total.x);
-      out[1] = from_float<T>(a.scale * total.y);
-      out[2] = from_float<T>(a.scale * total.z);
-      out[3] = from_float<T>(a.scale * total.w);
-    }
-  }
-};
-
-// One block per (row, head) x column slice: load, update, store, exit. MIN_BLOCKS resident blocks per
-// SM cap the registers (each thread's ROWS float4 of state must stay in registers, not spill).
+// One block per (row b, head h, slice of COLS state columns): load, update, store, exit. Each thread
+// owns one 16-byte column group and ROWS rows (row_group + i * ROW_GROUPS). MIN_BLOCKS resident blocks
+// per SM cap the registers (each thread's ROWS float4 of state must stay in registers, not spill).
 template <typename T, int D, int DV, int COLS, int THREADS, int MIN_BLOCKS>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) lightning_decode_kernel(LightningDecodeArgs a) {
-  using Tile = DecodeTile<T, D, DV, COLS, THREADS>;
-  __shared__ float4 partial[Tile::WARPS * Tile::COL_THREADS];
-  Tile tile;
-  tile.load(a, blockIdx.x, blockIdx.y);
-  tile.update_and_store(a, partial);
+  constexpr int COL_THREADS = COLS / 4;               // one float4 of columns per thread
+  constexpr int ROW_GROUPS = THREADS / COL_THREADS;   // rows processed in parallel
+  constexpr int ROWS = D / ROW_GROUPS;                // rows per thread
+  constexpr int WARPS = THREADS / 32;
+  static_assert(THREADS % COL_THREADS == 0 && D % ROW_GROUPS == 0 && COL_THREADS <= 32, "bad tiling");
+
+  const int bh = blockIdx.x;
+  const int b = bh / a.num_heads;
+  const int h = bh - b * a.num_heads;
+  const int col_thread = threadIdx.x % COL_THREADS;
+  const int row_group = threadIdx.x / COL_THREADS;
+  const int col = blockIdx.y * COLS + col_thread * 4;
+
+  T* out = static_cast<T*>(a.out) + (int64_t(b) * a.num_heads + h) * DV + col;
+  const int slot = static_cast<const int*>(a.slot_idx)[b];
+  if (slot < 0 || slot >= a.num_slots) {
+    // Padding row: zeros. Out-of-range slot: NaN, so the bug is loud (checking on the host would sync).
+    const float fill = slot < 0 ? 0.f : __int_as_float(0x7fc00000);
+    if (row_group == 0) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) out[j] = from_float<T>(fill);
+    }
+    return;
+  }
+
+  const T* q = static_cast<const T*>(a.q) + int64_t(b) * a.q_stride_b + int64_t(h) * a.q_stride_h;
+  const T* k = static_cast<const T*>(a.k) + int64_t(b) * a.k_stride_b + int64_t(h) * a.k_stride_h;
+  const T* v = static_cast<const T*>(a.v) + int64_t(b) * a.v_stride_b + int64_t(h) * a.v_stride_h;
+  float4* state = reinterpret_cast<float4*>(static_cast<float*>(a.state) +
+                                            (int64_t(slot) * a.num_heads + h) * (int64_t(D) * DV) + col);
+
+  // All state loads first: ROWS independent 16-byte loads in flight per thread (evict-first: each
+  // element is touched once).
+  float4 s[ROWS];
+#pragma unroll
+  for (int i = 0; i < ROWS; ++i) s[i] = __ldcs(&state[(row_group + i * ROW_GROUPS) * (DV / 4)]);
+
+  const float decay = __expf(-static_cast<const float*>(a.slope)[h]);
+  float vv[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) vv[j] = to_float(v[col + j]);
+
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int i = 0; i < ROWS; ++i) {
+    const int row = row_group + i * ROW_GROUPS;
+    const float ki = to_float(k[row]);
+    const float qi = to_float(q[row]);
+    s[i].x = fmaf(decay, s[i].x, ki * vv[0]);
+    s[i].y = fmaf(decay, s[i].y, ki * vv[1]);
+    s[i].z = fmaf(decay, s[i].z, ki * vv[2]);
+    s[i].w = fmaf(decay, s[i].w, ki * vv[3]);
+    acc[0] = fmaf(qi, s[i].x, acc[0]);
+    acc[1] = fmaf(qi, s[i].y, acc[1]);
+    acc[2] = fmaf(qi, s[i].z, acc[2]);
+    acc[3] = fmaf(qi, s[i].w, acc[3]);
+    __stcs(&state[row * (DV / 4)], s[i]);  // streaming: the state is not re-read by this step
+  }
+
+  // Sum the partial outputs over row groups: first inside the warp, then across warps.
+#pragma unroll
+  for (int offset = COL_THREADS; offset < 32; offset *= 2) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], offset);
+  }
+  __shared__ float4 partial[WARPS][COL_THREADS];
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (lane < COL_THREADS) partial[warp][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  __syncthreads();
+  if (threadIdx.x < COL_THREADS) {
+    float4 total = partial[0][threadIdx.x];
+#pragma unroll
+    for (int w = 1; w < WARPS; ++w) {
+      const float4 p = partial[w][threadIdx.x];
+      total.x += p.x; total.y += p.y; total.z += p.z; total.w += p.w;
+    }
+    out[0] = from_float<T>(a.scale * total.x);
+    out[1] = from_float<T>(a.scale * total.y);
+    out[2] = from_float<T>(a.scale * total.z);
+    out[3] = from_float<T>(a.scale * total.w);
+  }
 }
 
 template <typename T, int D, int DV, int COLS, int THREADS, int MIN_BLOCKS = 1>
