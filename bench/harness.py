@@ -39,8 +39,9 @@ class Case:
     flops: float | None = None
     max_sets: int = 4
     params: dict = dataclasses.field(default_factory=dict)
-    # Time replays of a CUDA graph holding one call: how servers run decode-sized kernels, whose eager
-    # time is the Python launch cost rather than the kernel.
+    # Time replays of a CUDA graph holding one call per input set, per call: how servers run
+    # decode-sized kernels (a step's graph holds hundreds of kernels, so the graph launch is paid once
+    # per step, not per kernel); their eager time is the Python launch cost rather than the kernel.
     cuda_graph: bool = False
 
 
@@ -62,21 +63,22 @@ def make_input_sets(case: Case) -> list:
 
 
 def _graphed(fn, sets):
-    """One CUDA graph per input set, each holding one call of fn (warmed up outside the capture)."""
-    graphs = []
+    """One CUDA graph holding one call of fn per input set, in order (warmed up outside the capture)."""
     for inputs in sets:
         fn(inputs)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for inputs in sets:
             fn(inputs)
-        graphs.append(graph)
-    return lambda i: graphs[i].replay(), [None] * len(graphs)
+    return lambda _: graph.replay(), [None]
 
 
 def time_fn(fn, sets, device, warmup=3, reps=None, budget_s=0.5, cuda_graph=False) -> dict:
     """Median and spread of per-call times in ms, cycling through the input sets."""
+    calls_per_timing = 1
     if cuda_graph and device.type == "cuda":
+        calls_per_timing = len(sets)
         call, sets = _graphed(fn, sets)
     else:
         call = lambda i: fn(sets[i])  # noqa: E731
@@ -98,7 +100,7 @@ def time_fn(fn, sets, device, warmup=3, reps=None, budget_s=0.5, cuda_graph=Fals
             call(i % len(sets))
             e.record()
         torch.cuda.synchronize()
-        times = [s.elapsed_time(e) for s, e in events]
+        times = [s.elapsed_time(e) / calls_per_timing for s, e in events]
     else:
         t0 = time.perf_counter()
         call(0)

@@ -3,6 +3,8 @@ CUDA-graph replays next to a device copy of the same bytes. `python -m bench.swe
 the result picks the kernels' default tilings."""
 
 import torch
+import triton
+import triton.language as tl
 
 import lightning_ops
 from lightning_ops import cuda_backend
@@ -11,8 +13,23 @@ from lightning_ops.triton import fused_recurrent_lightning_decode
 from .harness import measure_ceilings, time_fn
 
 VARIANTS = {0: "default", 1: "64 cols x 128 thr", 2: "32 x 128", 3: "128 x 256", 4: "64 x 256", 5: "32 x 256",
-            6: "128 x 512", 7: "128 x 1024", 8: "64 x 512"}
-TRITON_TILES = [None, (32, 2), (64, 4), (64, 8), (128, 8)]  # (BV, num_warps); None: the batch picks
+            6: "128 x 512", 7: "128 x 1024", 8: "64 x 512",
+            9: "stream 16 rows x 8", 10: "stream 64 x 3", 11: "stream 32 x 6", 12: "stream 32 x 3",
+            13: "128 x 512 plain", 14: "128 x 256 plain", 15: "stream 32 x 4 plain", 16: "stream 32 x 6 plain"}
+# (BV, num_warps, evict-first state accesses); None: the batch picks
+TRITON_TILES = [None, (32, 2, False), (64, 4, False), (64, 8, False), (128, 8, False), (64, 4, True), (64, 8, True)]
+
+
+@triton.jit
+def _copy_kernel(src, dst, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(dst + offsets, tl.load(src + offsets))
+
+
+def triton_copy(src, dst, block=16384, warps=8):
+    """The state's bytes through the simplest streaming kernel, one 64 KB program per (row, head) at
+    the default block: out of place, or in place (dst is src) like the decode's update."""
+    _copy_kernel[(src.numel() // block,)](src, dst, BLOCK=block, num_warps=warps)
 
 
 def main():
@@ -20,8 +37,9 @@ def main():
     bw = measure_ceilings(device)["copy_GBps"]
     print(f"copy bandwidth {bw:.0f} GB/s")
     names = [f"cuda {name}" for name in VARIANTS.values()]
-    names += [f"triton BV{t[0]} w{t[1]}" if t else "triton default" for t in TRITON_TILES]
-    print(f"{'shape':<16}" + "".join(f"{name:>20}" for name in names + ["state copy"]))
+    names += [f"triton BV{t[0]} w{t[1]}{' ef' if t[2] else ''}" if t else "triton default" for t in TRITON_TILES]
+    names += ["torch copy", "triton copy", "triton in place"]
+    print(f"{'shape':<16}" + "".join(f"{name:>20}" for name in names))
     for H in (64, 8):
         for B in (16, 64, 128, 256):
             slope = lightning_ops.slopes(H, 0, 80, device=device)
@@ -36,8 +54,8 @@ def main():
                    for variant in VARIANTS]
             fns += [lambda x, t=tile: fused_recurrent_lightning_decode(*x[:3], slope, x[3], x[4], 1.0, t)
                     for tile in TRITON_TILES]
-            # The same bytes as one state-sized device copy: what launch and ramp leave of the floor.
-            fns.append(lambda x: x[5].copy_(x[3]))
+            # The same bytes through plain copies: what launch, ramp and the access pattern leave of the floor.
+            fns += [lambda x: x[5].copy_(x[3]), lambda x: triton_copy(x[3], x[5]), lambda x: triton_copy(x[3], x[3])]
             cells = []
             for fn in fns:
                 t = time_fn(fn, sets, device, cuda_graph=True)["median_ms"]

@@ -11,7 +11,8 @@
 #                pytest is interrupted and still prints its failures
 #   PYTEST_ARGS  extra pytest arguments;  BENCH_ARGS  arguments of `python -m bench` (e.g. "--only decode")
 #   SKIP_TESTS=1 / SKIP_BENCH=1 to run one half;  M1_HYPOTHESIS_EXAMPLES  examples per property test
-#   SWEEPS=1     also run the tiling sweeps (bench.sweep_decode, bench.sweep_prefill) into sweeps.log
+#   SWEEPS=1     also run the tiling sweeps (bench.sweep_decode, bench.sweep_prefill) into sweeps.log;
+#                SWEEPS="sweep_decode" runs the named ones
 #   PREBUILT     an m1_core/_cuda*.so built by an earlier run of this script from the same csrc/ (it
 #                copies the one it builds to OUTDIR): skips the ~2 min CUTLASS build
 set -uo pipefail
@@ -60,8 +61,9 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   # The device tool returns few files: pack the plots, keep the JSON loose.
   (cd "$OUTDIR/bench" && ls *.png >/dev/null 2>&1 && tar czf ../plots.tar.gz *.png && rm -f *.png)
 fi
-if [ "${SWEEPS:-0}" = 1 ]; then
-  for sweep in sweep_decode sweep_prefill; do
+if [ "${SWEEPS:-0}" != 0 ]; then
+  [ "$SWEEPS" = 1 ] && SWEEPS="sweep_decode sweep_prefill"
+  for sweep in $SWEEPS; do
     echo "== bench.$sweep ($(date +%T))" | tee -a "$OUTDIR/sweeps.log"
     python3 -m bench.$sweep 2>&1 | tee -a "$OUTDIR/sweeps.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
