@@ -2,6 +2,8 @@
 CUDA-graph replays next to a device copy of the same bytes. `python -m bench.sweep_decode` on a GPU;
 the result picks the kernels' default tilings."""
 
+import argparse
+
 import torch
 import triton
 import triton.language as tl
@@ -13,11 +15,8 @@ from lightning_ops.triton import fused_recurrent_lightning_decode
 from .harness import measure_ceilings, time_fn
 
 VARIANTS = {0: "default", 1: "64 cols x 128 thr", 2: "32 x 128", 3: "128 x 256", 4: "64 x 256", 5: "32 x 256",
-            6: "128 x 512", 7: "128 x 1024", 8: "64 x 512",
-            9: "stream 16 rows x 8", 10: "stream 64 x 3", 11: "stream 32 x 6", 12: "stream 32 x 3",
-            13: "128 x 512 plain", 14: "128 x 256 plain", 15: "stream 32 x 4 plain", 16: "stream 32 x 6 plain"}
-# (BV, num_warps, evict-first state accesses); None: the batch picks
-TRITON_TILES = [None, (32, 2, False), (64, 4, False), (64, 8, False), (128, 8, False), (64, 4, True), (64, 8, True)]
+            6: "128 x 256 1/SM", 7: "128 x 1024", 8: "64 x 512"}
+TRITON_TILES = [None, (32, 2), (64, 4), (64, 8), (128, 8)]  # (BV, num_warps); None: the batch picks
 
 
 @triton.jit
@@ -33,14 +32,17 @@ def triton_copy(src, dst, block=16384, warps=8):
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--heads", type=int, nargs="+", default=[64, 8], help="head counts to sweep")
+    args = parser.parse_args()
     device = torch.device("cuda")
     bw = measure_ceilings(device)["copy_GBps"]
     print(f"copy bandwidth {bw:.0f} GB/s")
     names = [f"cuda {name}" for name in VARIANTS.values()]
-    names += [f"triton BV{t[0]} w{t[1]}{' ef' if t[2] else ''}" if t else "triton default" for t in TRITON_TILES]
+    names += [f"triton BV{t[0]} w{t[1]}" if t else "triton default" for t in TRITON_TILES]
     names += ["torch copy", "triton copy", "triton in place"]
     print(f"{'shape':<16}" + "".join(f"{name:>20}" for name in names))
-    for H in (64, 8):
+    for H in args.heads:
         for B in (16, 64, 128, 256):
             slope = lightning_ops.slopes(H, 0, 80, device=device)
             sets = []

@@ -3,13 +3,17 @@
 the result sets `default_segment_len` and the order of the autotune list. Column i forces config i of
 the output kernel (and config min(i, 1) of the segment-sum kernel) through M1_TRITON_CONFIG; `*` marks
 the segment length the op picks today. The default segment is then timed without and with the final
-state (which adds the last segment's sums and the hi + lo split of pass 1)."""
+state (which adds the last segment's sums and the hi + lo split of pass 1), next to the CUDA forward
+(csrc/lightning_prefill.cu), each with its time per kernel. `--breakdown` prints only those lines."""
+
+import argparse
 
 import torch
 import triton
 
 import lightning_ops
 from lightning_ops.triton import chunk
+from m1_core.extension import cuda_extension_error
 from m1_core.dispatch import triton_config
 
 from .harness import measure_ceilings, time_fn
@@ -19,6 +23,9 @@ SEGMENTS = [1024, 2048, 4096, 8192, 16384]
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--breakdown", action="store_true", help="only the per-kernel times at the default segment")
+    args = parser.parse_args()
     device = torch.device("cuda")
     bw = measure_ceilings(device)["copy_GBps"]
     kernels = [chunk._segment_kv_kernel, chunk._segment_output_kernel]
@@ -30,7 +37,7 @@ def main():
         sets = [[torch.randn(B, T, H, 128, device=device, dtype=torch.bfloat16) for _ in range(3)] for _ in range(2)]
         floor = 4 * B * T * H * 128 * 2 / (bw * 1e9) * 1e3
         default = chunk.default_segment_len(B * T, H, 128, device)
-        for seg in [s for s in SEGMENTS if s <= T]:
+        for seg in [s for s in SEGMENTS if s <= T and not args.breakdown]:
             cells = []
             for index in range(len(configs)):
                 try:
@@ -46,6 +53,12 @@ def main():
             run = lambda: chunk.chunk_lightning(*sets[0], slope, None, None, final=final)  # noqa: E731
             t = time_fn(lambda _: run(), [None], device)["median_ms"]
             print(f"    default segment, tuned configs, final={final}: {t:.3f} ms; per kernel: {kernel_times(run)}")
+        if cuda_extension_error(device) is None:
+            from lightning_ops import cuda_backend
+
+            run = lambda: cuda_backend.lightning_fwd(*sets[0], slope, None, None, 1.0)  # noqa: E731
+            t = time_fn(lambda _: run(), [None], device)["median_ms"]
+            print(f"    cuda forward: {t:.3f} ms; per kernel: {kernel_times(run)}")
         del sets
 
 
@@ -58,7 +71,8 @@ def kernel_times(fn, calls=10):
             fn()
         torch.cuda.synchronize()
     rows = [e for e in prof.key_averages() if e.device_time_total > 0]
-    return ", ".join(f"{e.key[:40]} {e.device_time_total / calls / 1e3:.3f} ms" for e in rows)
+    short = lambda key: key.split("<")[0].split("::")[-1].split("(")[0].removeprefix("void ")  # noqa: E731
+    return ", ".join(f"{short(e.key)} {e.device_time_total / calls / 1e3:.3f} ms" for e in rows)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,8 @@
 namespace m1 {
 
 // Raw-pointer arguments: the binding takes them as integers so no framework is linked (DESIGN.md §2).
-// q/k/v are [B, H, D] with unit stride in the last dim (16-byte aligned rows and strides take the
-// streaming kernel); state is a contiguous [S, H, D, DV] fp32 cache; slot_idx is int32 [B]; out is a
-// contiguous [B, H, DV] tensor of the input dtype.
+// q/k/v are [B, H, D] with unit stride in the last dim; state is a contiguous [S, H, D, DV] fp32 cache;
+// slot_idx is int32 [B]; out is a contiguous [B, H, DV] tensor of the input dtype.
 struct LightningDecodeArgs {
   const void* q; const void* k; const void* v;
   int64_t q_stride_b, q_stride_h, k_stride_b, k_stride_h, v_stride_b, v_stride_h;
@@ -17,7 +16,7 @@ struct LightningDecodeArgs {
   int dtype;
   float scale;
   uintptr_t stream;
-  int variant;  // 0: the default; 1..12: a fixed kernel and tiling, for benchmark sweeps (lightning_decode.cu)
+  int variant;  // 0: default tiling; 1..8: a fixed tiling, for benchmark sweeps (lightning_decode.cu)
 };
 
 void lightning_decode(const LightningDecodeArgs& args);
