@@ -39,9 +39,9 @@ class Case:
     flops: float | None = None
     max_sets: int = 4
     params: dict = dataclasses.field(default_factory=dict)
-    # Time replays of a CUDA graph holding one call per input set, per call: how servers run
-    # decode-sized kernels (a step's graph holds hundreds of kernels, so the graph launch is paid once
-    # per step, not per kernel); their eager time is the Python launch cost rather than the kernel.
+    # Time replays of a CUDA graph holding several calls (cycling the input sets), per call: how servers
+    # run decode-sized kernels (a step's graph holds hundreds of kernels, so the graph launch is paid
+    # once per step, not per kernel); their eager time is the Python launch cost rather than the kernel.
     cuda_graph: bool = False
 
 
@@ -62,24 +62,26 @@ def make_input_sets(case: Case) -> list:
     return sets
 
 
-def _graphed(fn, sets):
-    """One CUDA graph holding one call of fn per input set, in order (warmed up outside the capture)."""
+def _graphed(fn, sets, min_calls=4):
+    """One CUDA graph holding at least `min_calls` calls of fn, cycling through the input sets in order
+    (warmed up outside the capture). Returns the replay and the number of calls it makes."""
+    calls = [sets[i % len(sets)] for i in range(max(len(sets), min_calls))]
     for inputs in sets:
         fn(inputs)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for inputs in sets:
+        for inputs in calls:
             fn(inputs)
-    return lambda _: graph.replay(), [None]
+    return graph.replay, len(calls)
 
 
 def time_fn(fn, sets, device, warmup=3, reps=None, budget_s=0.5, cuda_graph=False) -> dict:
     """Median and spread of per-call times in ms, cycling through the input sets."""
     calls_per_timing = 1
     if cuda_graph and device.type == "cuda":
-        calls_per_timing = len(sets)
-        call, sets = _graphed(fn, sets)
+        replay, calls_per_timing = _graphed(fn, sets)
+        call, sets = (lambda _: replay()), [None]
     else:
         call = lambda i: fn(sets[i])  # noqa: E731
     for i in range(warmup):

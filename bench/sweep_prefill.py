@@ -49,6 +49,7 @@ def main():
                     cells.append("out of resources")
             mark = "*" if seg == default else " "
             print(f"B{B} T{T:<8} H{H:<3}{seg:>7}{mark}" + "".join(f"{c:>18}" for c in cells))
+        print(f"B{B} T{T:<8} H{H:<3} default segment {default}")
         for final in (None, "new"):
             run = lambda: chunk.chunk_lightning(*sets[0], slope, None, None, final=final)  # noqa: E731
             t = time_fn(lambda _: run(), [None], device)["median_ms"]
