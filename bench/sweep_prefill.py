@@ -31,7 +31,8 @@ def main():
     kernels = [chunk._segment_kv_kernel, chunk._segment_output_kernel]
     configs = [f"BV{c.kwargs['BV']} w{c.num_warps} s{c.num_stages}" for c in chunk._segment_output_kernel.configs]
     print(f"copy bandwidth {bw:.0f} GB/s; cells: ms and fraction of the floor (q, k, v read, o written once)")
-    print(f"{'shape':<18}{'segment':>8}" + "".join(f"{c:>18}" for c in configs))
+    if not args.breakdown:
+        print(f"{'shape':<18}{'segment':>8}" + "".join(f"{c:>18}" for c in configs))
     for B, T, H in SHAPES:
         slope = lightning_ops.slopes(H, 0, 80, device=device)
         sets = [[torch.randn(B, T, H, 128, device=device, dtype=torch.bfloat16) for _ in range(3)] for _ in range(2)]
@@ -51,16 +52,19 @@ def main():
             print(f"B{B} T{T:<8} H{H:<3}{seg:>7}{mark}" + "".join(f"{c:>18}" for c in cells))
         print(f"B{B} T{T:<8} H{H:<3} default segment {default}")
         for final in (None, "new"):
-            run = lambda: chunk.chunk_lightning(*sets[0], slope, None, None, final=final)  # noqa: E731
-            t = time_fn(lambda _: run(), [None], device)["median_ms"]
-            print(f"    default segment, tuned configs, final={final}: {t:.3f} ms; per kernel: {kernel_times(run)}")
+            breakdown(f"default segment, tuned configs, final={final}",
+                      lambda f=final: chunk.chunk_lightning(*sets[0], slope, None, None, final=f), device)
         if cuda_extension_error(device) is None:
             from lightning_ops import cuda_backend
 
-            run = lambda: cuda_backend.lightning_fwd(*sets[0], slope, None, None, 1.0)  # noqa: E731
-            t = time_fn(lambda _: run(), [None], device)["median_ms"]
-            print(f"    cuda forward: {t:.3f} ms; per kernel: {kernel_times(run)}")
+            breakdown("cuda forward", lambda: cuda_backend.lightning_fwd(*sets[0], slope, None, None, 1.0), device)
         del sets
+
+
+def breakdown(label, run, device):
+    """Print the median time of run() and its time per kernel."""
+    t = time_fn(lambda _: run(), [None], device)["median_ms"]
+    print(f"    {label}: {t:.3f} ms; per kernel: {kernel_times(run)}")
 
 
 def kernel_times(fn, calls=10):
