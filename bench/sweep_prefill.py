@@ -57,7 +57,9 @@ def main():
         if cuda_extension_error(device) is None:
             from lightning_ops import cuda_backend
 
-            breakdown("cuda forward", lambda: cuda_backend.lightning_fwd(*sets[0], slope, None, None, 1.0), device)
+            for final in (False, True):
+                breakdown(f"cuda forward, final state {final}",
+                          lambda f=final: cuda_backend.lightning_fwd(*sets[0], slope, None, None, 1.0, f), device)
         del sets
 
 

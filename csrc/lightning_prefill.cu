@@ -198,13 +198,19 @@ __device__ __forceinline__ int64_t state_offset(int mt, int nt, int half, int64_
 // ------------------------------------------------------------------------------------------------
 // Kernels
 
-// (1) Each segment's decayed k^T v sum from a zero state -> segment_states[segment].
+// (1) Each segment's decayed k^T v sum from a zero state -> segment_states[segment] (all but each
+// sequence's last segment when no final state is written).
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) segment_sums_kernel(LightningPrefillArgs a) {
   using L = Smem<D>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   const Segment seg = reinterpret_cast<const Segment*>(a.segments)[blockIdx.x];
+  if (a.final_state == nullptr && a.slot_idx == nullptr) {
+    // No final state asked for: the last segment's sum would only feed it (the scan skips it too).
+    const int2 range = reinterpret_cast<const int2*>(a.sequences)[seg.seq];
+    if (int(blockIdx.x) == range.x + range.y - 1) return;
+  }
   const int h = blockIdx.y, col0 = blockIdx.z * kBV;
   const float rate = static_cast<const float*>(a.slope)[h];
   const T* k = static_cast<const T*>(a.k) + seg.b * a.k_stride_b + int64_t(seg.t_start) * a.k_stride_t + h * a.k_stride_h;
@@ -233,36 +239,48 @@ __global__ void __launch_bounds__(kThreads) segment_sums_kernel(LightningPrefill
             make_float2(S[mt][nt][2 * half], S[mt][nt][2 * half + 1]);
 }
 
-// (2) Per (sequence, head): starting state of every segment (in place over its sum) and the final state.
+// (2) Per (sequence, head, block of 1024 state elements): the starting state of every segment (in place
+// over its sum) and the final state. Elements are independent: each thread walks one float4 through the
+// sequence's segments with the next sum already in flight, so the walk is a chain of decays, not of
+// memory round trips. Without a final state the last segment's sum was never computed and is not read.
 template <int D>
 __global__ void __launch_bounds__(256) segment_scan_kernel(LightningPrefillArgs a) {
   const int n = blockIdx.x, h = blockIdx.y;
+  const int64_t size = int64_t(D) * a.value_dim;
+  const int64_t i = int64_t(blockIdx.z) * blockDim.x + threadIdx.x;  // this thread's float4 of the state
+  if (i >= size / 4) return;
   const int2 range = reinterpret_cast<const int2*>(a.sequences)[n];
   const Segment* segs = reinterpret_cast<const Segment*>(a.segments);
   const float rate = static_cast<const float*>(a.slope)[h];
-  const int64_t size = int64_t(D) * a.value_dim;
   // With a slot cache the sequence reads and writes its slot (the same elements, by the same thread).
   const int slot = a.slot_idx ? static_cast<const int*>(a.slot_idx)[n] : n;
   const bool from_cache = a.slot_idx != nullptr;
   if (from_cache && slot < 0) return;  // padding sequence: its outputs are zeros, the cache is untouched
-  const float4* init = a.initial_state ? reinterpret_cast<const float4*>(static_cast<const float*>(a.initial_state) +
-                                                                        (int64_t(slot) * a.num_heads + h) * size)
-                                       : nullptr;
-  float4* final_state = reinterpret_cast<float4*>(
-      static_cast<float*>(from_cache ? const_cast<void*>(a.initial_state) : a.final_state) +
-      (int64_t(slot) * a.num_heads + h) * size);
-  for (int64_t i = threadIdx.x; i < size / 4; i += blockDim.x) {
-    float4 run = init ? init[i] : make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int g = range.x; g < range.x + range.y; ++g) {
-      float4* slot_sum = reinterpret_cast<float4*>(static_cast<float*>(a.segment_states) +
-                                                   (int64_t(g) * a.num_heads + h) * size) + i;
-      const float4 sum = *slot_sum;
-      *slot_sum = run;
+  const bool needs_final = from_cache || a.final_state != nullptr;
+  const int64_t offset = (int64_t(slot) * a.num_heads + h) * size;
+  const float4* init =
+      a.initial_state ? reinterpret_cast<const float4*>(static_cast<const float*>(a.initial_state) + offset) + i
+                      : nullptr;
+  auto sum_at = [&](int g) {
+    return reinterpret_cast<float4*>(static_cast<float*>(a.segment_states) + (int64_t(g) * a.num_heads + h) * size) + i;
+  };
+  const int end = range.x + range.y;
+  const int sums_end = needs_final ? end : end - 1;  // segments whose sums exist
+  float4 run = init ? *init : make_float4(0.f, 0.f, 0.f, 0.f);
+  float4 next = range.x < sums_end ? *sum_at(range.x) : make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int g = range.x; g < end; ++g) {
+    const float4 sum = next;
+    if (g + 1 < sums_end) next = *sum_at(g + 1);
+    *sum_at(g) = run;
+    if (g < sums_end) {
       const float decay = __expf(-rate * segs[g].length);
       run = make_float4(fmaf(decay, run.x, sum.x), fmaf(decay, run.y, sum.y), fmaf(decay, run.z, sum.z),
                         fmaf(decay, run.w, sum.w));
     }
-    final_state[i] = run;
+  }
+  if (needs_final) {
+    float* final_state = static_cast<float*>(from_cache ? const_cast<void*>(a.initial_state) : a.final_state);
+    reinterpret_cast<float4*>(final_state + offset)[i] = run;
   }
 }
 
@@ -278,6 +296,11 @@ __global__ void __launch_bounds__(kThreads) segment_output_kernel(LightningPrefi
   T* s_tile = smem + L::kS;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const Segment seg = reinterpret_cast<const Segment*>(a.segments)[blockIdx.x];
+  if (a.final_state == nullptr && a.slot_idx == nullptr) {
+    // No final state asked for: the last segment's sum would only feed it (the scan skips it too).
+    const int2 range = reinterpret_cast<const int2*>(a.sequences)[seg.seq];
+    if (int(blockIdx.x) == range.x + range.y - 1) return;
+  }
   const int h = blockIdx.y, col0 = blockIdx.z * kBV;
   const float rate = static_cast<const float*>(a.slope)[h];
   const T* q = static_cast<const T*>(a.q) + seg.b * a.q_stride_b + int64_t(seg.t_start) * a.q_stride_t + h * a.q_stride_h;
@@ -411,8 +434,10 @@ void launch(const LightningPrefillArgs& a) {
     check(cudaGetLastError(), "segment sums launch");
   }
   if (a.num_sequences > 0) {
-    segment_scan_kernel<D><<<dim3(static_cast<unsigned>(a.num_sequences), static_cast<unsigned>(a.num_heads)), 256,
-                             0, stream>>>(a);
+    const unsigned element_blocks = static_cast<unsigned>((D * a.value_dim / 4 + 255) / 256);
+    segment_scan_kernel<D><<<dim3(static_cast<unsigned>(a.num_sequences), static_cast<unsigned>(a.num_heads),
+                                  element_blocks),
+                             256, 0, stream>>>(a);
     check(cudaGetLastError(), "segment scan launch");
   }
   if (a.num_segments > 0) {

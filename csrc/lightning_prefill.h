@@ -18,7 +18,7 @@ struct LightningPrefillArgs {
   int64_t o_stride_b, o_stride_t, o_stride_h;
   const void* slope;            // [H] fp32 rates
   const void* initial_state;    // [N, H, D, DV] fp32 or null; with slot_idx: the slot cache [S, H, D, DV]
-  void* final_state;            // [N, H, D, DV] fp32 (written unless slot_idx is given)
+  void* final_state;            // [N, H, D, DV] fp32, or null when not asked for (ignored with slot_idx)
   const void* slot_idx;         // [N] int32 or null: sequence n starts from and ends in cache slot
                                 // slot_idx[n], in place; a negative slot gives zeros and keeps the cache
   void* segment_states;         // [num_segments, H, D, DV] fp32 workspace

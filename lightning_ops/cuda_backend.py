@@ -43,7 +43,7 @@ def _segment_table(B, T, H, Dv, cu_seqlens, device):
     return as_table(segments, 4), as_table(sequences, 2)
 
 
-def _prefill(q, k, v, slope, initial_state, cu_seqlens, scale, slot_idx=None):
+def _prefill(q, k, v, slope, initial_state, cu_seqlens, scale, slot_idx=None, output_final_state=True):
     if q.dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"the cuda backend's prefill takes bf16 or fp16 q/k/v (tensor cores), got {q.dtype}; "
                         "use backend='triton' or 'torch' for fp32")
@@ -58,7 +58,8 @@ def _prefill(q, k, v, slope, initial_state, cu_seqlens, scale, slot_idx=None):
     segments, sequences = _segment_table(B, T, H, Dv, cu_seqlens, q.device)
     N = sequences.shape[0]
     o = torch.empty(B, T, H, Dv, dtype=q.dtype, device=q.device)
-    final = None if slot_idx is not None else torch.empty(N, H, D, Dv, dtype=torch.float32, device=q.device)
+    final = (torch.empty(N, H, D, Dv, dtype=torch.float32, device=q.device)
+             if slot_idx is None and output_final_state else None)
     work = torch.empty(segments.shape[0], H, D, Dv, dtype=torch.float32, device=q.device)
     strides = [s for x in (q, k, v, o) for s in (x.stride(0), x.stride(1), x.stride(2))]
     ext.lightning_prefill_forward(
@@ -69,10 +70,9 @@ def _prefill(q, k, v, slope, initial_state, cu_seqlens, scale, slot_idx=None):
 
 
 def lightning_fwd(q, k, v, slope, initial_state, cu_seqlens, scale, output_final_state=True):
-    """Tensor-core forward (csrc/lightning_prefill.cu); bf16/fp16 only. Returns (o, final states): the
-    kernel's scan writes the final states whether or not they are asked for (they cost one state-sized
-    write per sequence and head)."""
-    return _prefill(q, k, v, slope, initial_state, cu_seqlens, scale)
+    """Tensor-core forward (csrc/lightning_prefill.cu); bf16/fp16 only. Returns (o, final states or None);
+    without final states the kernels skip each sequence's last segment sum."""
+    return _prefill(q, k, v, slope, initial_state, cu_seqlens, scale, output_final_state=output_final_state)
 
 
 def lightning_fwd_slots(q, k, v, slope, state, slot_idx, cu_seqlens, scale):
