@@ -296,11 +296,6 @@ __global__ void __launch_bounds__(kThreads) segment_output_kernel(LightningPrefi
   T* s_tile = smem + L::kS;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const Segment seg = reinterpret_cast<const Segment*>(a.segments)[blockIdx.x];
-  if (a.final_state == nullptr && a.slot_idx == nullptr) {
-    // No final state asked for: the last segment's sum would only feed it (the scan skips it too).
-    const int2 range = reinterpret_cast<const int2*>(a.sequences)[seg.seq];
-    if (int(blockIdx.x) == range.x + range.y - 1) return;
-  }
   const int h = blockIdx.y, col0 = blockIdx.z * kBV;
   const float rate = static_cast<const float*>(a.slope)[h];
   const T* q = static_cast<const T*>(a.q) + seg.b * a.q_stride_b + int64_t(seg.t_start) * a.q_stride_t + h * a.q_stride_h;
