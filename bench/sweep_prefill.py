@@ -4,7 +4,8 @@ the result sets `default_segment_len` and the order of the autotune list. Column
 the output kernel (and config min(i, 1) of the segment-sum kernel) through M1_TRITON_CONFIG; `*` marks
 the segment length the op picks today. The default segment is then timed without and with the final
 state (which adds the last segment's sums and the hi + lo split of pass 1), next to the CUDA forward
-(csrc/lightning_prefill.cu), each with its time per kernel. `--breakdown` prints only those lines."""
+(csrc/lightning_prefill.cu) at its default and other segment counts, each with its time per kernel.
+`--breakdown` prints only those lines."""
 
 import argparse
 
@@ -20,6 +21,7 @@ from .harness import measure_ceilings, time_fn
 
 SHAPES = [(1, 8192, 64), (1, 32768, 64), (1, 131072, 8), (1, 1 << 20, 8)]  # (B, T, H), D = Dv = 128
 SEGMENTS = [1024, 2048, 4096, 8192, 16384]
+CUDA_BLOCKS_PER_SM = [4, 6, 8, 12]  # besides cuda_backend.SEGMENT_BLOCKS_PER_SM
 
 
 def main():
@@ -60,6 +62,10 @@ def main():
             for final in (False, True):
                 breakdown(f"cuda forward, final state {final}",
                           lambda f=final: cuda_backend.lightning_fwd(*sets[0], slope, None, None, 1.0, f), device)
+            for blocks in CUDA_BLOCKS_PER_SM:
+                breakdown(f"cuda forward, no final state, segments for {blocks} blocks per SM",
+                          lambda n=blocks: cuda_backend.lightning_fwd(*sets[0], slope, None, None, 1.0, False, n),
+                          device)
         del sets
 
 

@@ -19,7 +19,31 @@ namespace {
 // One block per (row b, head h, slice of COLS state columns): load, update, store, exit. Each thread
 // owns one 16-byte column group and ROWS rows (row_group + i * ROW_GROUPS). MIN_BLOCKS resident blocks
 // per SM cap the registers (each thread's ROWS float4 of state must stay in registers, not spill).
-template <typename T, int D, int DV, int COLS, int THREADS, int MIN_BLOCKS>
+// State access cache policy: streaming (evict-first) loads and stores, or one of them, or streaming
+// loads that also ask L2 to fetch 256-byte blocks.
+enum class Cache { kStream, kStreamLoads, kStreamStores, kStream256 };
+
+template <Cache C>
+__device__ __forceinline__ float4 load_state(const float4* p) {
+  if constexpr (C == Cache::kStream256) {
+    float4 r;
+    asm volatile("ld.global.cs.L2::256B.v4.f32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w) : "l"(p));
+    return r;
+  } else if constexpr (C == Cache::kStreamStores) {
+    return *p;
+  } else {
+    return __ldcs(p);
+  }
+}
+
+template <Cache C>
+__device__ __forceinline__ void store_state(float4* p, float4 x) {
+  if constexpr (C == Cache::kStreamLoads) *p = x;
+  else __stcs(p, x);
+}
+
+template <typename T, int D, int DV, int COLS, int THREADS, int MIN_BLOCKS, Cache C>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) lightning_decode_kernel(LightningDecodeArgs a) {
   constexpr int COL_THREADS = COLS / 4;               // one float4 of columns per thread
   constexpr int ROW_GROUPS = THREADS / COL_THREADS;   // rows processed in parallel
@@ -58,7 +82,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) lightning_decode_kernel(L
   // (the compiler cannot prove they do not alias): a chain of ROWS cache round trips per block.
   float4 s[ROWS];
 #pragma unroll
-  for (int i = 0; i < ROWS; ++i) s[i] = __ldcs(&state[(row_group + i * ROW_GROUPS) * (DV / 4)]);
+  for (int i = 0; i < ROWS; ++i) s[i] = load_state<C>(&state[(row_group + i * ROW_GROUPS) * (DV / 4)]);
   __shared__ float qk[2][D];
   for (int d = threadIdx.x; d < D; d += THREADS) {
     qk[0][d] = to_float(q[d]);
@@ -83,7 +107,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) lightning_decode_kernel(L
     acc[1] = fmaf(qi, s[i].y, acc[1]);
     acc[2] = fmaf(qi, s[i].z, acc[2]);
     acc[3] = fmaf(qi, s[i].w, acc[3]);
-    __stcs(&state[row * (DV / 4)], s[i]);  // streaming: the state is not re-read by this step
+    store_state<C>(&state[row * (DV / 4)], s[i]);  // streaming: the state is not re-read by this step
   }
 
   // Sum the partial outputs over row groups: first inside the warp, then across warps.
@@ -111,10 +135,10 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) lightning_decode_kernel(L
   }
 }
 
-template <typename T, int D, int DV, int COLS, int THREADS, int MIN_BLOCKS = 1>
+template <typename T, int D, int DV, int COLS, int THREADS, int MIN_BLOCKS = 1, Cache C = Cache::kStream>
 cudaError_t launch(const LightningDecodeArgs& a) {
   const dim3 grid(static_cast<unsigned>(a.batch * a.num_heads), DV / COLS);
-  lightning_decode_kernel<T, D, DV, COLS, THREADS, MIN_BLOCKS>
+  lightning_decode_kernel<T, D, DV, COLS, THREADS, MIN_BLOCKS, C>
       <<<grid, THREADS, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(a);
   return cudaGetLastError();
 }
@@ -133,6 +157,9 @@ cudaError_t launch(const LightningDecodeArgs& a) {
       case 6: return launch<T, D, DV, 128, 256>(a);
       case 7: return launch<T, D, DV, 128, 1024>(a);
       case 8: return launch<T, D, DV, 64, 512, 2>(a);
+      case 9: return launch<T, D, DV, 128, 512, 2, Cache::kStreamLoads>(a);
+      case 10: return launch<T, D, DV, 128, 512, 2, Cache::kStreamStores>(a);
+      case 11: return launch<T, D, DV, 128, 512, 2, Cache::kStream256>(a);
       default: break;
     }
   }

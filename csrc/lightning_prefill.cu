@@ -12,7 +12,8 @@
 //
 // Work split: a block of 4 warps owns (segment, head, 64 state columns). Warp w computes output rows
 // 16w..16w+15 of each chunk and holds state rows w*D/4 .. (w+1)*D/4 - 1 in registers (mma accumulator
-// layout, D/64 m-tiles of 16 rows).
+// layout, D/64 m-tiles of 16 rows). Chunks stream through two shared-memory stages (cp.async): the
+// next chunk's loads are in flight while this one is computed.
 // Decay factors are always exp of a non-positive number: they underflow to 0, never overflow.
 #include "common.h"
 #include "lightning_prefill.h"
@@ -32,15 +33,21 @@ constexpr int kPad = 8;       // 16 bytes of padding per shared-memory row: conf
 template <int D>
 constexpr int kStateTiles = D / (16 * kWarps);  // 16-row m-tiles of state per warp
 
+// Dynamic shared memory (16-bit elements): two stages of chunk tiles, so that the next chunk's loads
+// are in flight while this one is computed, then the output kernel's bf16/fp16 copy of the state.
+// The sums kernel needs only k and v: its stages are [k, v], the output kernel's [k, v, q].
 template <int D>
-struct Smem {  // element offsets of the tiles in dynamic shared memory (16-bit elements)
+struct Smem {
   static constexpr int kQKStride = D + kPad;
   static constexpr int kVStride = kBV + kPad;
-  static constexpr int kQ = 0;
-  static constexpr int kK = kQ + kChunk * kQKStride;
+  static constexpr int kK = 0;                                  // offsets inside a stage
   static constexpr int kV = kK + kChunk * kQKStride;
-  static constexpr int kS = kV + kChunk * kVStride;   // bf16/fp16 copy of the state, [D][kBV]
-  static constexpr int kBytes = (kS + D * kVStride) * 2;
+  static constexpr int kQ = kV + kChunk * kVStride;
+  static constexpr int kSumsStage = kQ;                         // stage size without q
+  static constexpr int kOutputStage = kQ + kChunk * kQKStride;  // stage size with q
+  static constexpr int kS = 2 * kOutputStage;                   // [D][kBV], after the output kernel's stages
+  static constexpr int kSumsBytes = 2 * kSumsStage * 2;
+  static constexpr int kOutputBytes = (kS + D * kVStride) * 2;
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -56,7 +63,11 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool val
                "r"(valid ? 16 : 0));
 }
 
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Waits until at most `kPending` of this thread's committed groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending)); }
 
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -217,15 +228,23 @@ __global__ void __launch_bounds__(kThreads) segment_sums_kernel(LightningPrefill
   const T* v = static_cast<const T*>(a.v) + seg.b * a.v_stride_b + int64_t(seg.t_start) * a.v_stride_t +
                h * a.v_stride_h + col0;
 
-  float S[kStateTiles<D>][8][4] = {};
-  for (int c0 = 0; c0 < seg.length; c0 += kChunk) {
+  auto load_chunk = [&](int c0, T* stage) {
     const int len = min(kChunk, seg.length - c0);
-    load_tile(smem + L::kK, L::kQKStride, k + c0 * a.k_stride_t, a.k_stride_t, D, len);
-    load_tile(smem + L::kV, L::kVStride, v + c0 * a.v_stride_t, a.v_stride_t, kBV, len);
-    cp_async_wait_all();
+    load_tile(stage + L::kK, L::kQKStride, k + c0 * a.k_stride_t, a.k_stride_t, D, len);
+    load_tile(stage + L::kV, L::kVStride, v + c0 * a.v_stride_t, a.v_stride_t, kBV, len);
+  };
+  float S[kStateTiles<D>][8][4] = {};
+  load_chunk(0, smem);
+  cp_async_commit();
+  for (int c0 = 0, stage = 0; c0 < seg.length; c0 += kChunk, stage ^= 1) {
+    const int len = min(kChunk, seg.length - c0);
+    if (c0 + kChunk < seg.length) load_chunk(c0 + kChunk, smem + (stage ^ 1) * L::kSumsStage);
+    cp_async_commit();  // an empty group after the last chunk keeps the count below uniform
+    cp_async_wait<1>();
     __syncthreads();
-    update_state<T, D>(S, smem + L::kK, smem + L::kV, len, rate);
-    __syncthreads();
+    T* tiles = smem + stage * L::kSumsStage;
+    update_state<T, D>(S, tiles + L::kK, tiles + L::kV, len, rate);
+    __syncthreads();    // the next iteration's loads overwrite this stage
   }
   float* out = static_cast<float*>(a.segment_states) +
                ((int64_t(blockIdx.x) * a.num_heads + h) * D) * a.value_dim + col0;
@@ -290,9 +309,6 @@ __global__ void __launch_bounds__(kThreads) segment_output_kernel(LightningPrefi
   using L = Smem<D>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
-  T* q_tile = smem + L::kQ;
-  T* k_tile = smem + L::kK;
-  T* v_tile = smem + L::kV;
   T* s_tile = smem + L::kS;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const Segment seg = reinterpret_cast<const Segment*>(a.segments)[blockIdx.x];
@@ -328,11 +344,21 @@ __global__ void __launch_bounds__(kThreads) segment_output_kernel(LightningPrefi
   const int row_lo = 16 * warp + lane / 4, row_hi = row_lo + 8;   // this thread's output rows in a chunk
   const float q_decay_lo = __expf(-rate * (row_lo + 1)), q_decay_hi = __expf(-rate * (row_hi + 1));
 
-  for (int c0 = 0; c0 < seg.length; c0 += kChunk) {
+  auto load_chunk = [&](int c0, T* stage) {
     const int len = min(kChunk, seg.length - c0);
-    load_tile(q_tile, L::kQKStride, q + c0 * a.q_stride_t, a.q_stride_t, D, len);
-    load_tile(k_tile, L::kQKStride, k + c0 * a.k_stride_t, a.k_stride_t, D, len);
-    load_tile(v_tile, L::kVStride, v + c0 * a.v_stride_t, a.v_stride_t, kBV, len);
+    load_tile(stage + L::kK, L::kQKStride, k + c0 * a.k_stride_t, a.k_stride_t, D, len);
+    load_tile(stage + L::kV, L::kVStride, v + c0 * a.v_stride_t, a.v_stride_t, kBV, len);
+    load_tile(stage + L::kQ, L::kQKStride, q + c0 * a.q_stride_t, a.q_stride_t, D, len);
+  };
+  load_chunk(0, smem);
+  cp_async_commit();
+  for (int c0 = 0, stage = 0; c0 < seg.length; c0 += kChunk, stage ^= 1) {
+    const int len = min(kChunk, seg.length - c0);
+    if (c0 + kChunk < seg.length) load_chunk(c0 + kChunk, smem + (stage ^ 1) * L::kOutputStage);
+    cp_async_commit();  // an empty group after the last chunk keeps the count below uniform
+    const T* q_tile = smem + stage * L::kOutputStage + L::kQ;
+    const T* k_tile = smem + stage * L::kOutputStage + L::kK;
+    const T* v_tile = smem + stage * L::kOutputStage + L::kV;
     // The state before this chunk, rounded to the input type, is the B operand of q S.
 #pragma unroll
     for (int mt = 0; mt < kStateTiles<D>; ++mt)
@@ -342,7 +368,7 @@ __global__ void __launch_bounds__(kThreads) segment_output_kernel(LightningPrefi
         for (int half = 0; half < 2; ++half)
           *reinterpret_cast<uint32_t*>(s_tile + state_offset<D>(mt, nt, half, L::kVStride)) =
               pack2<T>(S[mt][nt][2 * half], S[mt][nt][2 * half + 1]);
-    cp_async_wait_all();
+    cp_async_wait<1>();  // this chunk's tiles have landed; the next chunk's stay in flight
     __syncthreads();
 
     float O[8][4] = {}, P[8][4] = {};
@@ -406,14 +432,14 @@ __global__ void __launch_bounds__(kThreads) segment_output_kernel(LightningPrefi
             pack2<T>(a.scale * O[nt][2], a.scale * O[nt][3]);
     }
     update_state<T, D>(S, k_tile, v_tile, len, rate);
-    __syncthreads();  // the next chunk's loads overwrite the tiles
+    __syncthreads();  // the next iteration's loads overwrite this stage, its state copy overwrites s_tile
   }
 }
 
 template <typename T, int D>
 void launch(const LightningPrefillArgs& a) {
   const auto stream = reinterpret_cast<cudaStream_t>(a.stream);
-  constexpr int smem = Smem<D>::kBytes;
+  constexpr int sums_smem = Smem<D>::kSumsBytes, output_smem = Smem<D>::kOutputBytes;
   const dim3 grid(static_cast<unsigned>(a.num_segments), static_cast<unsigned>(a.num_heads),
                   static_cast<unsigned>(a.value_dim / kBV));
   auto check = [](cudaError_t err, const char* what) {
@@ -421,11 +447,12 @@ void launch(const LightningPrefillArgs& a) {
       throw std::runtime_error(std::string("lightning_prefill_forward: ") + what + ": " + cudaGetErrorString(err));
   };
   if (a.num_segments > 0) {
-    check(cudaFuncSetAttribute(segment_sums_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+    check(cudaFuncSetAttribute(segment_sums_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, sums_smem),
           "shared memory attribute");
-    check(cudaFuncSetAttribute(segment_output_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+    check(cudaFuncSetAttribute(segment_output_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               output_smem),
           "shared memory attribute");
-    segment_sums_kernel<T, D><<<grid, kThreads, smem, stream>>>(a);
+    segment_sums_kernel<T, D><<<grid, kThreads, sums_smem, stream>>>(a);
     check(cudaGetLastError(), "segment sums launch");
   }
   if (a.num_sequences > 0) {
@@ -436,7 +463,7 @@ void launch(const LightningPrefillArgs& a) {
     check(cudaGetLastError(), "segment scan launch");
   }
   if (a.num_segments > 0) {
-    segment_output_kernel<T, D><<<grid, kThreads, smem, stream>>>(a);
+    segment_output_kernel<T, D><<<grid, kThreads, output_smem, stream>>>(a);
     check(cudaGetLastError(), "segment output launch");
   }
 }

@@ -18,7 +18,12 @@ def lightning_decode(q, k, v, slope, state, slot_idx, scale, variant=0):
     return out
 
 
-def _segment_table(B, T, H, Dv, cu_seqlens, device):
+# Segments are sized for about this many blocks per SM of the sums and output kernels: enough for
+# whole waves, few enough that the sums (which skip each sequence's last segment) read little.
+SEGMENT_BLOCKS_PER_SM = 16
+
+
+def _segment_table(B, T, H, Dv, cu_seqlens, device, blocks_per_sm=None):
     """Cut every sequence into segments of whole 64-token chunks, enough of them to fill the GPU.
 
     Returns int32 tables on `device`: segments [G, 4] (row b, start t, length, sequence) and
@@ -29,7 +34,8 @@ def _segment_table(B, T, H, Dv, cu_seqlens, device):
     else:
         bounds = cu_seqlens.tolist()
         starts, lengths, rows = bounds[:-1], [b - a for a, b in zip(bounds[:-1], bounds[1:])], [0] * (len(bounds) - 1)
-    target_blocks = 16 * torch.cuda.get_device_properties(device).multi_processor_count
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    target_blocks = (blocks_per_sm or SEGMENT_BLOCKS_PER_SM) * sms
     blocks_per_segment = H * (Dv // 64)
     total = max(sum(lengths), 1)
     seg_len = -(-total * blocks_per_segment // target_blocks)
@@ -43,7 +49,8 @@ def _segment_table(B, T, H, Dv, cu_seqlens, device):
     return as_table(segments, 4), as_table(sequences, 2)
 
 
-def _prefill(q, k, v, slope, initial_state, cu_seqlens, scale, slot_idx=None, output_final_state=True):
+def _prefill(q, k, v, slope, initial_state, cu_seqlens, scale, slot_idx=None, output_final_state=True,
+             blocks_per_sm=None):
     if q.dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"the cuda backend's prefill takes bf16 or fp16 q/k/v (tensor cores), got {q.dtype}; "
                         "use backend='triton' or 'torch' for fp32")
@@ -55,7 +62,7 @@ def _prefill(q, k, v, slope, initial_state, cu_seqlens, scale, slot_idx=None, ou
     # 16-byte copies need 8-element-aligned strides and addresses.
     q, k, v = (x if all(s % 8 == 0 for s in x.stride()[:-1]) and x.data_ptr() % 16 == 0 else x.contiguous()
                for x in (q, k, v))
-    segments, sequences = _segment_table(B, T, H, Dv, cu_seqlens, q.device)
+    segments, sequences = _segment_table(B, T, H, Dv, cu_seqlens, q.device, blocks_per_sm)
     N = sequences.shape[0]
     o = torch.empty(B, T, H, Dv, dtype=q.dtype, device=q.device)
     final = (torch.empty(N, H, D, Dv, dtype=torch.float32, device=q.device)
@@ -69,10 +76,12 @@ def _prefill(q, k, v, slope, initial_state, cu_seqlens, scale, slot_idx=None, ou
     return o, final
 
 
-def lightning_fwd(q, k, v, slope, initial_state, cu_seqlens, scale, output_final_state=True):
+def lightning_fwd(q, k, v, slope, initial_state, cu_seqlens, scale, output_final_state=True, blocks_per_sm=None):
     """Tensor-core forward (csrc/lightning_prefill.cu); bf16/fp16 only. Returns (o, final states or None);
-    without final states the kernels skip each sequence's last segment sum."""
-    return _prefill(q, k, v, slope, initial_state, cu_seqlens, scale, output_final_state=output_final_state)
+    without final states the kernels skip each sequence's last segment sum. `blocks_per_sm` overrides
+    SEGMENT_BLOCKS_PER_SM (bench/sweep_prefill.py)."""
+    return _prefill(q, k, v, slope, initial_state, cu_seqlens, scale, output_final_state=output_final_state,
+                    blocks_per_sm=blocks_per_sm)
 
 
 def lightning_fwd_slots(q, k, v, slope, state, slot_idx, cu_seqlens, scale):
