@@ -21,7 +21,7 @@ from .harness import measure_ceilings, time_fn
 
 SHAPES = [(1, 8192, 64), (1, 32768, 64), (1, 131072, 8), (1, 1 << 20, 8)]  # (B, T, H), D = Dv = 128
 SEGMENTS = [1024, 2048, 4096, 8192, 16384]
-CUDA_BLOCKS_PER_SM = [4, 6, 8, 12]  # besides cuda_backend.SEGMENT_BLOCKS_PER_SM
+CUDA_BLOCKS_PER_SM = [4, 16]  # besides cuda_backend.SEGMENT_BLOCKS_PER_SM
 
 
 def main():

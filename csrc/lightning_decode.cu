@@ -19,28 +19,14 @@ namespace {
 // One block per (row b, head h, slice of COLS state columns): load, update, store, exit. Each thread
 // owns one 16-byte column group and ROWS rows (row_group + i * ROW_GROUPS). MIN_BLOCKS resident blocks
 // per SM cap the registers (each thread's ROWS float4 of state must stay in registers, not spill).
-// State access cache policy: streaming (evict-first) loads and stores, or one of them, or streaming
-// loads that also ask L2 to fetch 256-byte blocks.
-enum class Cache { kStream, kStreamLoads, kStreamStores, kStream256 };
+// State cache policy: streaming (evict-first) loads and stores, or streaming stores only. Each element
+// is touched once per step; which is faster depends on the batch (bench/NOTES.md, session 5).
+enum class Cache { kStream, kStreamStores };
 
 template <Cache C>
 __device__ __forceinline__ float4 load_state(const float4* p) {
-  if constexpr (C == Cache::kStream256) {
-    float4 r;
-    asm volatile("ld.global.cs.L2::256B.v4.f32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w) : "l"(p));
-    return r;
-  } else if constexpr (C == Cache::kStreamStores) {
-    return *p;
-  } else {
-    return __ldcs(p);
-  }
-}
-
-template <Cache C>
-__device__ __forceinline__ void store_state(float4* p, float4 x) {
-  if constexpr (C == Cache::kStreamLoads) *p = x;
-  else __stcs(p, x);
+  if constexpr (C == Cache::kStreamStores) return *p;
+  else return __ldcs(p);
 }
 
 template <typename T, int D, int DV, int COLS, int THREADS, int MIN_BLOCKS, Cache C>
@@ -76,8 +62,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) lightning_decode_kernel(L
   float4* __restrict__ state = reinterpret_cast<float4*>(
       static_cast<float*>(a.state) + (int64_t(slot) * a.num_heads + h) * (int64_t(D) * DV) + col);
 
-  // All loads before the first store: ROWS independent 16-byte state loads in flight per thread
-  // (evict-first: each element is touched once), then q and k into shared memory and this thread's v.
+  // All loads before the first store: ROWS independent 16-byte state loads in flight per thread, then q
+  // and k into shared memory and this thread's v.
   // Loaded inside the update loop instead, each row's q/k load would wait for the previous row's store
   // (the compiler cannot prove they do not alias): a chain of ROWS cache round trips per block.
   float4 s[ROWS];
@@ -107,7 +93,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) lightning_decode_kernel(L
     acc[1] = fmaf(qi, s[i].y, acc[1]);
     acc[2] = fmaf(qi, s[i].z, acc[2]);
     acc[3] = fmaf(qi, s[i].w, acc[3]);
-    store_state<C>(&state[row * (DV / 4)], s[i]);  // streaming: the state is not re-read by this step
+    __stcs(&state[row * (DV / 4)], s[i]);  // streaming: the state is not re-read by this step
   }
 
   // Sum the partial outputs over row groups: first inside the warp, then across warps.
@@ -157,15 +143,16 @@ cudaError_t launch(const LightningDecodeArgs& a) {
       case 6: return launch<T, D, DV, 128, 256>(a);
       case 7: return launch<T, D, DV, 128, 1024>(a);
       case 8: return launch<T, D, DV, 64, 512, 2>(a);
-      case 9: return launch<T, D, DV, 128, 512, 2, Cache::kStreamLoads>(a);
+      case 9: return launch<T, D, DV, 128, 512, 2, Cache::kStream>(a);
       case 10: return launch<T, D, DV, 128, 512, 2, Cache::kStreamStores>(a);
-      case 11: return launch<T, D, DV, 128, 512, 2, Cache::kStream256>(a);
       default: break;
     }
   }
   // Whole state rows per block, 512 threads, 2 blocks per SM: best or tied-best at every H64 batch in
-  // two H200 sweeps (bench/NOTES.md).
-  return launch<T, D, DV, DV, 512, 2>(a);
+  // three H200 sweeps. Streaming loads too only below about 4096 (row, head) pairs: with plain loads
+  // B128-B256 H64 ran 1-1.5% faster, B16 1.3% slower (bench/NOTES.md).
+  if (int64_t(a.batch) * a.num_heads >= 4096) return launch<T, D, DV, DV, 512, 2, Cache::kStreamStores>(a);
+  return launch<T, D, DV, DV, 512, 2, Cache::kStream>(a);
 }
 
 template <typename T>

@@ -20,7 +20,7 @@ def lightning_decode(q, k, v, slope, state, slot_idx, scale, variant=0):
 
 # Segments are sized for about this many blocks per SM of the sums and output kernels: enough for
 # whole waves, few enough that the sums (which skip each sequence's last segment) read little.
-SEGMENT_BLOCKS_PER_SM = 16
+SEGMENT_BLOCKS_PER_SM = 8
 
 
 def _segment_table(B, T, H, Dv, cu_seqlens, device, blocks_per_sm=None):

@@ -21,9 +21,12 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, state_ptr, slot_ptr, o_ptr, s
                    stride_kb, stride_kh, stride_vb, stride_vh, num_slots, scale,
                    H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
                    LOAD_CACHE: tl.constexpr = "", STORE_CACHE: tl.constexpr = ""):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    e = tl.program_id(2) * BV + tl.arange(0, BV)
+    # Launch order is value tile, then head, then row: the programs resident at one time stream whole
+    # rows of the cache (H * D * DV contiguous floats each), not pieces H * D * DV floats apart.
+    pid = tl.program_id(0)
+    e = (pid % (DV // BV)) * BV + tl.arange(0, BV)
+    h = (pid // (DV // BV)) % H
+    b = pid // (DV // BV * H)
     d = tl.arange(0, D)
     slot = tl.load(slot_ptr + b)
     out = o_ptr + (b * H + h) * DV + e
@@ -43,7 +46,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, state_ptr, slot_ptr, o_ptr, s
 
 
 def _value_tile(rows: int, dv: int) -> int:
-    bv = min(dv, 64)  # 32 KB tiles at 4 warps (48 registers): many resident programs, many loads in flight
+    bv = min(dv, 64)  # 32 KB tiles at 8 warps: many resident programs, many loads in flight
     while bv > 16 and rows * triton.cdiv(dv, bv) < _MIN_PROGRAMS:
         bv //= 2
     return bv
@@ -59,9 +62,9 @@ def fused_recurrent_lightning_decode(q, k, v, slope, state, slot_idx, scale, til
     if B == 0:
         return o
     bv = _value_tile(B * H, Dv) if tile is None else tile[0]
-    warps = max(1, min(8, D * bv // 2048)) if tile is None else tile[1]
+    warps = max(1, min(8, D * bv // 1024)) if tile is None else tile[1]  # 8 warps for 128 x 64 tiles
     load_cache, store_cache = tile[2:] if tile is not None and len(tile) == 4 else ("", "")
-    _decode_kernel[(B, H, Dv // bv)](q, k, v, slope, state, slot_idx, o, q.stride(0), q.stride(1), k.stride(0),
+    _decode_kernel[(B * H * (Dv // bv),)](q, k, v, slope, state, slot_idx, o, q.stride(0), q.stride(1), k.stride(0),
                                      k.stride(1), v.stride(0), v.stride(1), state.shape[0], float(scale),
                                      H=H, D=D, DV=Dv, BV=bv, LOAD_CACHE=load_cache, STORE_CACHE=store_cache,
                                      num_warps=warps)
