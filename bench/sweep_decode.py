@@ -15,9 +15,10 @@ from lightning_ops.triton import fused_recurrent_lightning_decode
 from .harness import measure_ceilings, time_fn
 
 VARIANTS = {0: "default", 1: "64 cols x 128 thr", 2: "32 x 128", 3: "128 x 256", 4: "64 x 256", 5: "32 x 256",
-            6: "128 x 256 1/SM", 7: "128 x 1024", 8: "64 x 512", 9: "128 x 512 ld+st.cs", 10: "128 x 512 st.cs"}
+            6: "128 x 256 1/SM", 7: "128 x 1024", 8: "64 x 512", 9: "128 x 512 ld+st.cs", 10: "128 x 512 st.cs",
+            11: "64 x 256 st.cs", 12: "64 x 512 st.cs", 13: "64 x 256 plain"}
 # (BV, num_warps[, load, store cache modifier]); None: the batch picks
-TRITON_TILES = [None, (32, 4), (64, 4), (64, 8), (128, 8), (64, 8, "", ".cs")]
+TRITON_TILES = [None, (64, 4), (128, 8), (128, 16)]
 
 
 @triton.jit

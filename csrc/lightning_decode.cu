@@ -19,14 +19,20 @@ namespace {
 // One block per (row b, head h, slice of COLS state columns): load, update, store, exit. Each thread
 // owns one 16-byte column group and ROWS rows (row_group + i * ROW_GROUPS). MIN_BLOCKS resident blocks
 // per SM cap the registers (each thread's ROWS float4 of state must stay in registers, not spill).
-// State cache policy: streaming (evict-first) loads and stores, or streaming stores only. Each element
-// is touched once per step; which is faster depends on the batch (bench/NOTES.md, session 5).
-enum class Cache { kStream, kStreamStores };
+// State cache policy: streaming (evict-first) loads and stores, streaming stores only, or none. Each
+// element is touched once per step; which is faster depends on the tiling and the batch (bench/NOTES.md).
+enum class Cache { kStream, kStreamStores, kNone };
 
 template <Cache C>
 __device__ __forceinline__ float4 load_state(const float4* p) {
-  if constexpr (C == Cache::kStreamStores) return *p;
-  else return __ldcs(p);
+  if constexpr (C == Cache::kStream) return __ldcs(p);
+  else return *p;
+}
+
+template <Cache C>
+__device__ __forceinline__ void store_state(float4* p, float4 x) {
+  if constexpr (C == Cache::kNone) *p = x;
+  else __stcs(p, x);
 }
 
 template <typename T, int D, int DV, int COLS, int THREADS, int MIN_BLOCKS, Cache C>
@@ -37,12 +43,15 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) lightning_decode_kernel(L
   constexpr int WARPS = THREADS / 32;
   static_assert(THREADS % COL_THREADS == 0 && D % ROW_GROUPS == 0 && COL_THREADS <= 32, "bad tiling");
 
-  const int bh = blockIdx.x;
+  // Launch order is column slice, then head, then row: the blocks resident at one time stream whole rows
+  // of the cache (num_heads * D * DV contiguous floats each), not slices D * DV floats apart.
+  constexpr int SLICES = DV / COLS;
+  const int bh = blockIdx.x / SLICES;
   const int b = bh / a.num_heads;
   const int h = bh - b * a.num_heads;
   const int col_thread = threadIdx.x % COL_THREADS;
   const int row_group = threadIdx.x / COL_THREADS;
-  const int col = blockIdx.y * COLS + col_thread * 4;
+  const int col = (blockIdx.x % SLICES) * COLS + col_thread * 4;
 
   T* out = static_cast<T*>(a.out) + (int64_t(b) * a.num_heads + h) * DV + col;
   const int slot = static_cast<const int*>(a.slot_idx)[b];
@@ -93,7 +102,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) lightning_decode_kernel(L
     acc[1] = fmaf(qi, s[i].y, acc[1]);
     acc[2] = fmaf(qi, s[i].z, acc[2]);
     acc[3] = fmaf(qi, s[i].w, acc[3]);
-    __stcs(&state[row * (DV / 4)], s[i]);  // streaming: the state is not re-read by this step
+    store_state<C>(&state[row * (DV / 4)], s[i]);
   }
 
   // Sum the partial outputs over row groups: first inside the warp, then across warps.
@@ -123,7 +132,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) lightning_decode_kernel(L
 
 template <typename T, int D, int DV, int COLS, int THREADS, int MIN_BLOCKS = 1, Cache C = Cache::kStream>
 cudaError_t launch(const LightningDecodeArgs& a) {
-  const dim3 grid(static_cast<unsigned>(a.batch * a.num_heads), DV / COLS);
+  const unsigned grid = static_cast<unsigned>(a.batch * a.num_heads * (DV / COLS));
   lightning_decode_kernel<T, D, DV, COLS, THREADS, MIN_BLOCKS, C>
       <<<grid, THREADS, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(a);
   return cudaGetLastError();
@@ -145,13 +154,18 @@ cudaError_t launch(const LightningDecodeArgs& a) {
       case 8: return launch<T, D, DV, 64, 512, 2>(a);
       case 9: return launch<T, D, DV, 128, 512, 2, Cache::kStream>(a);
       case 10: return launch<T, D, DV, 128, 512, 2, Cache::kStreamStores>(a);
+      case 11: return launch<T, D, DV, 64, 256, 4, Cache::kStreamStores>(a);
+      case 12: return launch<T, D, DV, 64, 512, 2, Cache::kStreamStores>(a);
+      case 13: return launch<T, D, DV, 64, 256, 4, Cache::kNone>(a);
       default: break;
     }
   }
-  // Whole state rows per block, 512 threads, 2 blocks per SM: best or tied-best at every H64 batch in
-  // three H200 sweeps. Streaming loads too only below about 4096 (row, head) pairs: with plain loads
-  // B128-B256 H64 ran 1-1.5% faster, B16 1.3% slower (bench/NOTES.md).
-  if (int64_t(a.batch) * a.num_heads >= 4096) return launch<T, D, DV, DV, 512, 2, Cache::kStreamStores>(a);
+  // From about 4096 (row, head) pairs: half-row slices, streaming stores (the Triton decode's best tiling
+  // in the session-5 sweep). Below: whole state rows per block, 512 threads, streaming loads and stores,
+  // best or tied-best at B16 H64 in every H200 sweep (bench/NOTES.md).
+  if constexpr (DV == 128) {
+    if (int64_t(a.batch) * a.num_heads >= 4096) return launch<T, D, DV, 64, 256, 4, Cache::kStreamStores>(a);
+  }
   return launch<T, D, DV, DV, 512, 2, Cache::kStream>(a);
 }
 
