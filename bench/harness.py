@@ -184,7 +184,8 @@ def run_case(case: Case, device, ceilings) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = f"{'case':<44} {'impl':<26} {'median ms':>10} {'GB/s':>8} {'TFLOP/s':>8} {'floor ms':>9} {'of floor':>8}  speed-up vs peers"
+    header = (f"{'case':<44} {'impl':<26} {'median ms':>10} {'GB/s':>8} {'TFLOP/s':>8} {'floor ms':>9} {'of floor':>8} "
+              f"{'peak GiB':>8}  speed-up vs peers")
     lines = [header, "-" * len(header)]
     for r in rows:
         if "error" in r:
@@ -194,7 +195,7 @@ def format_table(rows: list[dict]) -> str:
         vs = ", ".join(f"{p} {s:.2f}x" for p, s in r.get("speedup_vs", {}).items())
         lines.append(f"{r['case'][:44]:<44} {r['impl'][:26]:<26} {r['median_ms']:>10.4f} {fmt(r.get('GBps'), '8.0f'):>8} "
                      f"{fmt(r.get('TFLOPs'), '8.1f'):>8} {fmt(r.get('floor_ms'), '9.4f'):>9} "
-                     f"{fmt(r.get('fraction_of_floor'), '8.2f'):>8}  {vs}")
+                     f"{fmt(r.get('fraction_of_floor'), '8.3f'):>8} {fmt(r.get('peak_mem_GiB'), '8.2f'):>8}  {vs}")
     return "\n".join(lines)
 
 

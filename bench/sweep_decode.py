@@ -15,10 +15,9 @@ from lightning_ops.triton import fused_recurrent_lightning_decode
 from .harness import measure_ceilings, time_fn
 
 VARIANTS = {0: "default", 1: "64 cols x 128 thr", 2: "32 x 128", 3: "128 x 256", 4: "64 x 256", 5: "32 x 256",
-            6: "128 x 256 1/SM", 7: "128 x 1024", 8: "64 x 512", 9: "128 x 512 ld+st.cs", 10: "128 x 512 st.cs",
-            11: "64 x 256 st.cs", 12: "64 x 512 st.cs", 13: "64 x 256 plain"}
-# (BV, num_warps[, load, store cache modifier]); None: the batch picks
-TRITON_TILES = [None, (64, 4), (128, 8), (128, 16)]
+            6: "128 x 256 1/SM", 7: "128 x 1024", 8: "128 x 512", 9: "128 x 512 st.cs", 10: "64 x 512 st.cs",
+            11: "64 x 256 st.cs", 12: "64 x 256 plain"}
+TRITON_TILES = [None, (64, 4), (128, 8), (128, 16)]  # (BV, num_warps); None: the batch picks
 
 
 @triton.jit
@@ -41,7 +40,7 @@ def main():
     bw = measure_ceilings(device)["copy_GBps"]
     print(f"copy bandwidth {bw:.0f} GB/s")
     names = [f"cuda {name}" for name in VARIANTS.values()]
-    names += [f"triton BV{t[0]} w{t[1]} {''.join(t[2:])}".rstrip() if t else "triton default" for t in TRITON_TILES]
+    names += [f"triton BV{t[0]} w{t[1]}" if t else "triton default" for t in TRITON_TILES]
     names += ["torch copy", "triton copy", "triton in place"]
     print(f"{'shape':<16}" + "".join(f"{name:>20}" for name in names))
     for H in args.heads:

@@ -151,22 +151,18 @@ cudaError_t launch(const LightningDecodeArgs& a) {
       case 5: return launch<T, D, DV, 32, 256>(a);
       case 6: return launch<T, D, DV, 128, 256>(a);
       case 7: return launch<T, D, DV, 128, 1024>(a);
-      case 8: return launch<T, D, DV, 64, 512, 2>(a);
-      case 9: return launch<T, D, DV, 128, 512, 2, Cache::kStream>(a);
-      case 10: return launch<T, D, DV, 128, 512, 2, Cache::kStreamStores>(a);
+      case 8: return launch<T, D, DV, 128, 512, 2>(a);
+      case 9: return launch<T, D, DV, 128, 512, 2, Cache::kStreamStores>(a);
+      case 10: return launch<T, D, DV, 64, 512, 2, Cache::kStreamStores>(a);
       case 11: return launch<T, D, DV, 64, 256, 4, Cache::kStreamStores>(a);
-      case 12: return launch<T, D, DV, 64, 512, 2, Cache::kStreamStores>(a);
-      case 13: return launch<T, D, DV, 64, 256, 4, Cache::kNone>(a);
+      case 12: return launch<T, D, DV, 64, 256, 4, Cache::kNone>(a);
       default: break;
     }
   }
-  // From about 4096 (row, head) pairs: half-row slices, streaming stores (the Triton decode's best tiling
-  // in the session-5 sweep). Below: whole state rows per block, 512 threads, streaming loads and stores,
-  // best or tied-best at B16 H64 in every H200 sweep (bench/NOTES.md).
-  if constexpr (DV == 128) {
-    if (int64_t(a.batch) * a.num_heads >= 4096) return launch<T, D, DV, 64, 256, 4, Cache::kStreamStores>(a);
-  }
-  return launch<T, D, DV, DV, 512, 2, Cache::kStream>(a);
+  // 64-column slices (half a D = 128 row) x 512 threads, 2 blocks per SM, streaming loads and stores,
+  // launched in memory order: best or tied-best at every H64 batch, B16 to B256, in the session-5 sweep
+  // (bench/NOTES.md).
+  return launch<T, D, DV, 64, 512, 2>(a);
 }
 
 template <typename T>

@@ -16,7 +16,7 @@ struct LightningDecodeArgs {
   int dtype;
   float scale;
   uintptr_t stream;
-  int variant;  // 0: default; 1..13: a fixed tiling or cache policy, for benchmark sweeps (lightning_decode.cu)
+  int variant;  // 0: default; 1..12: a fixed tiling or cache policy, for benchmark sweeps (lightning_decode.cu)
 };
 
 void lightning_decode(const LightningDecodeArgs& args);

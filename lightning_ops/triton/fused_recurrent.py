@@ -19,8 +19,7 @@ _MIN_PROGRAMS = 2048
 @triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, state_ptr, slot_ptr, o_ptr, stride_qb, stride_qh,
                    stride_kb, stride_kh, stride_vb, stride_vh, num_slots, scale,
-                   H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
-                   LOAD_CACHE: tl.constexpr = "", STORE_CACHE: tl.constexpr = ""):
+                   H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr):
     # Launch order is value tile, then head, then row: the programs resident at one time stream whole
     # rows of the cache (H * D * DV contiguous floats each), not pieces H * D * DV floats apart.
     pid = tl.program_id(0)
@@ -39,8 +38,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, state_ptr, slot_ptr, o_ptr, s
         v = tl.load(v_ptr + b * stride_vb + h * stride_vh + e).to(tl.float32)
         decay = tl.exp(-tl.load(slope_ptr + h))
         tile = state_ptr + (slot.to(tl.int64) * H + h) * (D * DV) + d[:, None] * DV + e[None, :]
-        S = tl.load(tile, cache_modifier=LOAD_CACHE) * decay + k[:, None] * v[None, :]
-        tl.store(tile, S, cache_modifier=STORE_CACHE)
+        S = tl.load(tile) * decay + k[:, None] * v[None, :]
+        tl.store(tile, S)
         o = tl.sum(q[:, None] * S, axis=0) * scale
         tl.store(out, o.to(o_ptr.dtype.element_ty))
 
@@ -54,8 +53,8 @@ def _value_tile(rows: int, dv: int) -> int:
 
 def fused_recurrent_lightning_decode(q, k, v, slope, state, slot_idx, scale, tile=None):
     """q, k [B, H, D]; v [B, H, Dv] (unit last stride); state [S, H, D, Dv] fp32 contiguous, updated in
-    place; slot_idx [B] int32. Returns o [B, H, Dv] in q's dtype. `tile` = (BV, num_warps[, load cache
-    modifier, store cache modifier]) forces a tiling (bench/sweep_decode.py); None picks it from the batch."""
+    place; slot_idx [B] int32. Returns o [B, H, Dv] in q's dtype. `tile` = (BV, num_warps) forces a
+    tiling (bench/sweep_decode.py); None picks it from the batch."""
     B, H, D = q.shape
     Dv = v.shape[-1]
     o = torch.empty(B, H, Dv, dtype=q.dtype, device=q.device)
@@ -63,9 +62,7 @@ def fused_recurrent_lightning_decode(q, k, v, slope, state, slot_idx, scale, til
         return o
     bv = _value_tile(B * H, Dv) if tile is None else tile[0]
     warps = max(1, min(8, D * bv // 1024)) if tile is None else tile[1]  # 8 warps for 128 x 64 tiles
-    load_cache, store_cache = tile[2:] if tile is not None and len(tile) == 4 else ("", "")
-    _decode_kernel[(B * H * (Dv // bv),)](q, k, v, slope, state, slot_idx, o, q.stride(0), q.stride(1), k.stride(0),
-                                     k.stride(1), v.stride(0), v.stride(1), state.shape[0], float(scale),
-                                     H=H, D=D, DV=Dv, BV=bv, LOAD_CACHE=load_cache, STORE_CACHE=store_cache,
-                                     num_warps=warps)
+    _decode_kernel[(B * H * (Dv // bv),)](q, k, v, slope, state, slot_idx, o, q.stride(0), q.stride(1),
+                                          k.stride(0), k.stride(1), v.stride(0), v.stride(1), state.shape[0],
+                                          float(scale), H=H, D=D, DV=Dv, BV=bv, num_warps=warps)
     return o
