@@ -16,9 +16,6 @@
 namespace m1 {
 namespace {
 
-// One block per (row b, head h, slice of COLS state columns): load, update, store, exit. Each thread
-// owns one 16-byte column group and ROWS rows (row_group + i * ROW_GROUPS). MIN_BLOCKS resident blocks
-// per SM cap the registers (each thread's ROWS float4 of state must stay in registers, not spill).
 // State cache policy: streaming (evict-first) loads and stores, streaming stores only, or none. Each
 // element is touched once per step; which is faster depends on the tiling and the batch (bench/NOTES.md).
 enum class Cache { kStream, kStreamStores, kNone };
@@ -35,6 +32,9 @@ __device__ __forceinline__ void store_state(float4* p, float4 x) {
   else __stcs(p, x);
 }
 
+// One block per (row b, head h, slice of COLS state columns): load, update, store, exit. Each thread
+// owns one 16-byte column group and ROWS rows (row_group + i * ROW_GROUPS). MIN_BLOCKS resident blocks
+// per SM cap the registers (each thread's ROWS float4 of state must stay in registers, not spill).
 template <typename T, int D, int DV, int COLS, int THREADS, int MIN_BLOCKS, Cache C>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) lightning_decode_kernel(LightningDecodeArgs a) {
   constexpr int COL_THREADS = COLS / 4;               // one float4 of columns per thread
