@@ -1,5 +1,7 @@
 """The "cuda" backend: thin wrappers that hand validated tensors to the csrc extension."""
 
+import functools
+
 import torch
 
 from m1_core.extension import DTYPE_CODES, cuda_extension, ptr, stream_of
@@ -27,18 +29,27 @@ def _segment_table(B, T, H, Dv, cu_seqlens, device, blocks_per_sm=None):
     """Cut every sequence into segments of whole 64-token chunks, enough of them to fill the GPU.
 
     Returns int32 tables on `device`: segments [G, 4] (row b, start t, length, sequence) and
-    sequences [N, 2] (first segment, count). Packed sequences read cu_seqlens on the host once.
+    sequences [N, 2] (first segment, count). Fixed-length tables are cached per shape, so a repeated
+    call does no host work or copy; packed sequences read cu_seqlens on the host once per call.
     """
+    blocks_per_sm = blocks_per_sm or SEGMENT_BLOCKS_PER_SM
     if cu_seqlens is None:
-        starts, lengths, rows = [0] * B, [T] * B, list(range(B))
-    else:
-        bounds = cu_seqlens.tolist()
-        starts, lengths, rows = bounds[:-1], [b - a for a, b in zip(bounds[:-1], bounds[1:])], [0] * (len(bounds) - 1)
+        return _fixed_length_table(B, T, H, Dv, device, blocks_per_sm)
+    bounds = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    return _build_table([0] * len(lengths), bounds[:-1], lengths, H, Dv, device, blocks_per_sm)
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_length_table(B, T, H, Dv, device, blocks_per_sm):
+    return _build_table(list(range(B)), [0] * B, [T] * B, H, Dv, device, blocks_per_sm)
+
+
+def _build_table(rows, starts, lengths, H, Dv, device, blocks_per_sm):
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    target_blocks = (blocks_per_sm or SEGMENT_BLOCKS_PER_SM) * sms
     blocks_per_segment = H * (Dv // 64)
     total = max(sum(lengths), 1)
-    seg_len = -(-total * blocks_per_segment // target_blocks)
+    seg_len = -(-total * blocks_per_segment // (blocks_per_sm * sms))
     seg_len = min(max(256, -(-seg_len // 64) * 64), 16384)
     segments, sequences = [], []
     for n, (row, start, length) in enumerate(zip(rows, starts, lengths)):

@@ -40,6 +40,15 @@ def pytest_configure(config):
         raise pytest.UsageError("M1_REQUIRE_GPU=1 but torch sees no CUDA GPU")
 
 
+@pytest.fixture(autouse=True)
+def _return_cached_gpu_memory():
+    """Under pytest-xdist the workers share one GPU: a worker's caching allocator would keep a large
+    test's peak reserved (tens of GB) and starve the others, so each test hands its cache back."""
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
