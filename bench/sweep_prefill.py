@@ -27,6 +27,7 @@ CUDA_BLOCKS_PER_SM = [4, 16]  # besides cuda_backend.SEGMENT_BLOCKS_PER_SM
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--breakdown", action="store_true", help="only the per-kernel times at the default segment")
+    parser.add_argument("--tokens", type=int, nargs="+", help="only the shapes with these sequence lengths")
     args = parser.parse_args()
     device = torch.device("cuda")
     bw = measure_ceilings(device)["copy_GBps"]
@@ -35,7 +36,7 @@ def main():
     print(f"copy bandwidth {bw:.0f} GB/s; cells: ms and fraction of the floor (q, k, v read, o written once)")
     if not args.breakdown:
         print(f"{'shape':<18}{'segment':>8}" + "".join(f"{c:>18}" for c in configs))
-    for B, T, H in SHAPES:
+    for B, T, H in [s for s in SHAPES if not args.tokens or s[1] in args.tokens]:
         slope = lightning_ops.slopes(H, 0, 80, device=device)
         sets = [[torch.randn(B, T, H, 128, device=device, dtype=torch.bfloat16) for _ in range(3)] for _ in range(2)]
         floor = 4 * B * T * H * 128 * 2 / (bw * 1e9) * 1e3
