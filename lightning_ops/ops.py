@@ -43,7 +43,7 @@ def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Te
     if cu_seqlens is not None and not capturing(q.device):
         _check_cu_seqlens_values(cu_seqlens, q.shape[1])
     o, final = _impl(backend).lightning_fwd(q, k, v, slope, initial_state, cu_seqlens, scale, output_final_state)
-    if final is None or not output_final_state:  # ops cannot return None: empty stands for "not asked for"
+    if final is None:  # not asked for; ops cannot return None, so an empty tensor stands for it
         final = q.new_empty(0, dtype=torch.float32)
     return o, final
 
