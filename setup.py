@@ -1,4 +1,4 @@
-"""Build: the pure-Python packages always; the CUDA extension `m1_core._cuda` when nvcc is found.
+"""Build: the pure-Python packages always; the CUDA extension `m1_kernels._cuda` when nvcc is found.
 
 The extension links no libtorch (kernels take raw device pointers, see DESIGN.md §2) and links cudart
 statically, so one build serves any PyTorch version. Environment:
@@ -21,7 +21,7 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-EXT_NAME = "m1_core._cuda"
+EXT_NAME = "m1_kernels._cuda"
 
 
 def _find_cuda_home():
@@ -111,6 +111,19 @@ class NinjaCudaBuild(build_ext):
         subprocess.check_call(cmd)
 
 
+# The top-level folders install under the one import root `m1_kernels` (docs/design.md, "Layout").
+PACKAGE_DIR = {"m1_kernels": "m1_kernels", **{f"m1_kernels.{name}": name for name in
+                                               ("lightning_ops", "moe_ops", "reference", "model", "trainer", "bench")}}
+
+
+def _packages():
+    packages = []
+    for root, folder in PACKAGE_DIR.items():
+        if (ROOT / folder / "__init__.py").exists():
+            packages += [root] + [f"{root}.{sub}" for sub in find_packages(where=str(ROOT / folder))]
+    return packages
+
+
 def _extensions():
     cuda_home, why_not = _find_cuda_home()
     if cuda_home is None:
@@ -128,7 +141,8 @@ setup(
     version="0.1.0",
     description="Lightning attention and MoE kernels (Triton, CUDA/CUTLASS) for MiniMax-M1",
     python_requires=">=3.10",
-    packages=find_packages(include=["m1_core*", "lightning_ops*", "moe_ops*", "reference*", "model*"]),
+    packages=_packages(),
+    package_dir=PACKAGE_DIR,
     install_requires=["torch>=2.6", "triton>=3.2; platform_system=='Linux'"],
     extras_require={
         "test": ["pytest", "hypothesis", "pytest-benchmark", "transformers>=5", "safetensors"],

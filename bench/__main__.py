@@ -1,4 +1,4 @@
-"""`python -m bench`: measure the ceilings, time every case, print one table, write JSON and plots.
+"""`python -m m1_kernels.bench`: measure the ceilings, time every case, print one table, write JSON and plots.
 
 On a machine without a GPU it runs small shapes on the CPU paths (and says so); its figures are no
 statement about GPU speed.
@@ -26,7 +26,7 @@ def collect_cases(device, only=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m m1_kernels.bench", description=__doc__)
     parser.add_argument("--only", action="append", help="run cases whose 'group name' contains this (repeatable)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
                         help="folder for <device>.json and plots (default bench/results)")

@@ -39,7 +39,7 @@ def _torch_grouped_mm_pair(inputs):
 
 
 def gemm_pair_case(device, tokens, E, top_k, H, F, dtype=torch.bfloat16):
-    from moe_ops import cuda_backend, ops
+    from m1_kernels.moe_ops import cuda_backend, ops
 
     offsets_host = _routing(tokens, E, top_k, seed=tokens)
     M = tokens * top_k
@@ -72,7 +72,7 @@ def gemm_pair_case(device, tokens, E, top_k, H, F, dtype=torch.bfloat16):
 
 
 def cases(device):
-    from m1_core.extension import cuda_extension_error
+    from m1_kernels.extension import cuda_extension_error
 
     if device.type != "cuda" or cuda_extension_error(device) is not None:
         return []  # the CUDA backend has nothing to time without a GPU and the built extension

@@ -6,8 +6,8 @@ Peers: flash-linear-attention (`chunk_simple_gla` with g_gamma = -slope, scale 1
 
 import torch
 
-import lightning_ops
-from lightning_ops import ops
+from m1_kernels import lightning_ops
+from m1_kernels.lightning_ops import ops
 
 from .harness import Case
 
@@ -22,7 +22,7 @@ def _fla():
 
 def _our_backends(implemented, device):
     """Backends to time: on the CPU only "torch" (the Triton interpreter is a test tool, not a path)."""
-    from m1_core.dispatch import available_backends
+    from m1_kernels.dispatch import available_backends
     return [b for b in available_backends(implemented, device) if device.type == "cuda" or b == "torch"]
 
 

@@ -20,8 +20,8 @@ import math
 
 import torch
 
-from model.checkpoint import parameters_on_meta
-from model.config import FULL, M1Config
+from m1_kernels.model.checkpoint import parameters_on_meta
+from m1_kernels.model.config import FULL, M1Config
 
 from .harness import Case
 
@@ -167,7 +167,7 @@ def slice_models(device, with_hf: bool) -> dict:
     (about 20 GB per model on the GPU) before the next case. `transformers` rotates all 128 head dims
     where M1 rotates 64: the same cost, so the timing comparison holds.
     """
-    from model.modeling import M1ForCausalLM
+    from m1_kernels.model.modeling import M1ForCausalLM
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     hybrid_cfg, softmax_cfg = _slice_configs(device)
     torch.manual_seed(0)
@@ -302,7 +302,7 @@ def cases(device):
 
 
 # ------------------------------------------------------------------------------------------------------
-# The extra report printed by `python -m bench`
+# The extra report printed by `python -m m1_kernels.bench`
 
 def report(rows, device, stem) -> list[str]:
     """Print (a) and the measured summaries of (b) and (c); write the plots. Returns the files written."""

@@ -14,9 +14,9 @@ decode on the weight read.
 
 import torch
 
-from m1_core.dispatch import available_backends
-from moe_ops import ops, torch_backend
-from reference import moe as RM
+from m1_kernels.dispatch import available_backends
+from m1_kernels.moe_ops import ops, torch_backend
+from m1_kernels.reference import moe as RM
 
 from .harness import Case
 

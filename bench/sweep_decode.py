@@ -1,5 +1,5 @@
 """Tiling sweep of the decode kernels (csrc/lightning_decode.cu variants, Triton value tiles), timed as
-CUDA-graph replays next to a device copy of the same bytes. `python -m bench.sweep_decode` on a GPU;
+CUDA-graph replays next to a device copy of the same bytes. `python -m m1_kernels.bench.sweep_decode` on a GPU;
 the result picks the kernels' default tilings."""
 
 import argparse
@@ -8,9 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
-import lightning_ops
-from lightning_ops import cuda_backend
-from lightning_ops.triton import fused_recurrent_lightning_decode
+from m1_kernels import lightning_ops
+from m1_kernels.lightning_ops import cuda_backend
+from m1_kernels.lightning_ops.triton import fused_recurrent_lightning_decode
 
 from .harness import measure_ceilings, time_fn
 

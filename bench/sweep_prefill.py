@@ -1,5 +1,5 @@
 """Segment length x output-kernel config sweep of the Triton lightning prefill forward
-(lightning_ops/triton/chunk.py), against the byte floor. `python -m bench.sweep_prefill` on a GPU;
+(lightning_ops/triton/chunk.py), against the byte floor. `python -m m1_kernels.bench.sweep_prefill` on a GPU;
 the result sets `default_segment_len` and the order of the autotune list. Column i forces config i of
 the output kernel (and config min(i, 1) of the segment-sum kernel) through M1_TRITON_CONFIG; `*` marks
 the segment length the op picks today. The default segment is then timed without and with the final
@@ -12,10 +12,10 @@ import argparse
 import torch
 import triton
 
-import lightning_ops
-from lightning_ops.triton import chunk
-from m1_core.extension import cuda_extension_error
-from m1_core.dispatch import triton_config
+from m1_kernels import lightning_ops
+from m1_kernels.lightning_ops.triton import chunk
+from m1_kernels.extension import cuda_extension_error
+from m1_kernels.dispatch import triton_config
 
 from .harness import measure_ceilings, time_fn
 
@@ -58,7 +58,7 @@ def main():
             breakdown(f"default segment, tuned configs, final={final}",
                       lambda f=final: chunk.chunk_lightning(*sets[0], slope, None, None, final=f), device)
         if cuda_extension_error(device) is None:
-            from lightning_ops import cuda_backend
+            from m1_kernels.lightning_ops import cuda_backend
 
             for final in (False, True):
                 breakdown(f"cuda forward, final state {final}",

@@ -1,10 +1,10 @@
-"""`pytest bench --benchmark-only`: the cases of `python -m bench`, through pytest-benchmark."""
+"""`pytest bench --benchmark-only`: the cases of `python -m m1_kernels.bench`, through pytest-benchmark."""
 
 import pytest
 import torch
 
-from bench.__main__ import collect_cases
-from bench.harness import make_input_sets
+from m1_kernels.bench.__main__ import collect_cases
+from m1_kernels.bench.harness import make_input_sets
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = collect_cases(DEVICE)

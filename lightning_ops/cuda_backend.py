@@ -4,7 +4,7 @@ import functools
 
 import torch
 
-from m1_core.extension import DTYPE_CODES, cuda_extension, ptr, stream_of
+from m1_kernels.extension import DTYPE_CODES, cuda_extension, ptr, stream_of
 
 
 def lightning_decode(q, k, v, slope, state, slot_idx, scale, variant=0):

@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch
 
-from m1_core.dispatch import resolve_backend
-from m1_core.validate import FLOAT_DTYPES, capturing, check_shape, check_tensor
+from m1_kernels.dispatch import resolve_backend
+from m1_kernels.validate import FLOAT_DTYPES, capturing, check_shape, check_tensor
 
 from . import torch_backend
 
@@ -25,7 +25,7 @@ from . import torch_backend
 ATTN_BACKENDS = ("triton", "cuda", "torch")
 DECODE_BACKENDS = ("cuda", "triton", "torch")
 
-_KERNEL_MODULES = {"cuda": "lightning_ops.cuda_backend", "triton": "lightning_ops.triton_backend"}
+_KERNEL_MODULES = {"cuda": "m1_kernels.lightning_ops.cuda_backend", "triton": "m1_kernels.lightning_ops.triton_backend"}
 
 
 def _impl(backend: str):
@@ -184,7 +184,7 @@ def lightning_attn(q, k, v, slope, *, scale=1.0, initial_state=None, output_fina
             inference: the kernel backends register no backward for it (backward raises); returns
             (o, None). On CUDA the slots are not checked on the host (that
             would synchronise): a slot >= S gives NaN output and touches no state.
-        backend: "cuda", "triton", "torch" or None (see m1_core.dispatch). The triton backend takes
+        backend: "cuda", "triton", "torch" or None (see m1_kernels.dispatch). The triton backend takes
             D, Dv in (64, 128).
 
     Returns:

@@ -8,7 +8,7 @@ A row stops at a stop token (kept in the output), after `max_new_tokens`, or —
 `repetition_stop=(n, p)` — once its last n tokens were each drawn with probability above p: the M1
 report cuts degenerate repetition this way (n = 3000, p = 0.99).
 
-`python -m model.generate` runs a small random model (`--preset tiny`) or a checkpoint folder.
+`python -m m1_kernels.model.generate` runs a small random model (`--preset tiny`) or a checkpoint folder.
 """
 
 import argparse
@@ -110,7 +110,7 @@ def generate(model, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m model.generate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m m1_kernels.model.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="checkpoint folder (config.json + safetensors)")

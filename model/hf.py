@@ -15,8 +15,8 @@ Not carried over: router-logit and attention-weight recording (`output_router_lo
 
 import torch
 
-from lightning_ops import LightningAttention
-from moe_ops import SparseMoE
+from m1_kernels.lightning_ops import LightningAttention
+from m1_kernels.moe_ops import SparseMoE
 
 
 class HFLightningAttention(LightningAttention):

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_ops import LightningAttention
-from moe_ops import SparseMoE
+from m1_kernels.lightning_ops import LightningAttention
+from m1_kernels.moe_ops import SparseMoE
 
 from .cache import HybridCache, StepPlan
 from .config import LINEAR, M1Config
@@ -166,7 +166,7 @@ class M1ForCausalLM(nn.Module):
     Args:
         config: the architecture (see M1Config; `M1Config.preset("minimax-m1")` is the released model).
         backend: kernel backend of the lightning and MoE ops ("cuda", "triton", "torch" or None for the
-            default of m1_core.dispatch).
+            default of m1_kernels.dispatch).
     """
 
     def __init__(self, config: M1Config, backend=None):

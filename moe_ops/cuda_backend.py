@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from m1_core.extension import DTYPE_CODES, cuda_extension, ptr, stream_of
+from m1_kernels.extension import DTYPE_CODES, cuda_extension, ptr, stream_of
 
 from . import triton_backend
 

@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from m1_core.dispatch import resolve_backend
-from m1_core.validate import FLOAT_DTYPES, check_shape, check_tensor
+from m1_kernels.dispatch import resolve_backend
+from m1_kernels.validate import FLOAT_DTYPES, check_shape, check_tensor
 
 from . import torch_backend
 
@@ -33,7 +33,7 @@ FUSED_MOE_BACKENDS = ("triton", "cuda", "torch")
 WEIGHT_LAYOUTS = ("nk", "kn")
 MAX_EXPERTS, MAX_TOP_K = 256, 8
 
-_KERNEL_MODULES = {"triton": "moe_ops.triton_backend", "cuda": "moe_ops.cuda_backend"}
+_KERNEL_MODULES = {"triton": "m1_kernels.moe_ops.triton_backend", "cuda": "m1_kernels.moe_ops.cuda_backend"}
 
 
 def _impl(backend: str):

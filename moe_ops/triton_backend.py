@@ -22,7 +22,7 @@ import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from m1_core.dispatch import triton_interpreted
+from m1_kernels.dispatch import triton_interpreted
 
 from .triton import grouped_gemm as G
 from .triton import permute as P

@@ -9,11 +9,11 @@
 #   TEST_FILES   "path[:timeout_s] ..." run one pytest per entry, so a slow or failing file cannot hide
 #                the rest (default: "tests", the whole suite in one run, no timeout); at the timeout
 #                pytest is interrupted and still prints its failures
-#   PYTEST_ARGS  extra pytest arguments;  BENCH_ARGS  arguments of `python -m bench` (e.g. "--only decode")
+#   PYTEST_ARGS  extra pytest arguments;  BENCH_ARGS  arguments of `python -m m1_kernels.bench` (e.g. "--only decode")
 #   SKIP_TESTS=1 / SKIP_BENCH=1 to run one half;  M1_HYPOTHESIS_EXAMPLES  examples per property test
 #   SWEEPS=1     also run the tiling sweeps (bench.sweep_decode, bench.sweep_prefill) into sweeps.log;
 #                SWEEPS="sweep_decode" runs the named ones
-#   PREBUILT     an m1_core/_cuda*.so built by an earlier run of this script from the same csrc/ (it
+#   PREBUILT     an m1_kernels/_cuda*.so built by an earlier run of this script from the same csrc/ (it
 #                copies the one it builds to OUTDIR): skips the ~2 min CUTLASS build
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,15 +34,15 @@ fi
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   if [ -n "${PREBUILT:-}" ]; then
     echo "== prebuilt extension $PREBUILT"
-    cp "$PREBUILT" m1_core/
+    cp "$PREBUILT" m1_kernels/
+    M1_BUILD_CUDA=0 python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -1
   else
     echo "== build"
     time python3 -m pip install --no-build-isolation --no-deps -e . 2>&1 | grep -vE "^\s*$" | tail -5
-    cp m1_core/_cuda*.so "$OUTDIR/"
+    cp m1_kernels/_cuda*.so "$OUTDIR/"
   fi
 } 2>&1 | tee "$LOG"
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
-python3 -c "import m1_core._cuda as e; print('extension archs', e.compiled_archs, 'devices', e.device_count())" \
+python3 -c "import m1_kernels._cuda as e; print('extension archs', e.compiled_archs, 'devices', e.device_count())" \
   2>&1 | tee -a "$LOG" || exit 1
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
@@ -56,7 +56,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   echo "== bench ($(date +%T))" | tee -a "$LOG"
-  python3 -m bench --out "$OUTDIR/bench" ${BENCH_ARGS:-} 2>&1 | tee -a "$LOG"
+  python3 -m m1_kernels.bench --out "$OUTDIR/bench" ${BENCH_ARGS:-} 2>&1 | tee -a "$LOG"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   # The device tool returns few files: pack the plots, keep the JSON loose.
   (cd "$OUTDIR/bench" && ls *.png >/dev/null 2>&1 && tar czf ../plots.tar.gz *.png && rm -f *.png)
@@ -65,7 +65,7 @@ if [ "${SWEEPS:-0}" != 0 ]; then
   [ "$SWEEPS" = 1 ] && SWEEPS="sweep_decode sweep_prefill"
   for sweep in $SWEEPS; do
     echo "== bench.$sweep ($(date +%T))" | tee -a "$OUTDIR/sweeps.log"
-    python3 -m bench.$sweep 2>&1 | tee -a "$OUTDIR/sweeps.log"
+    python3 -m m1_kernels.bench.$sweep 2>&1 | tee -a "$OUTDIR/sweeps.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   done
 fi

@@ -5,7 +5,7 @@ import contextlib
 import pytest
 import torch
 
-from m1_core.dispatch import backend_error
+from m1_kernels.dispatch import backend_error
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

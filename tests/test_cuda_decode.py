@@ -5,8 +5,8 @@ q/k/v rows that are views into a wider tensor at an odd offset."""
 import pytest
 import torch
 
-import lightning_ops
-from reference import lightning as RL
+from m1_kernels import lightning_ops
+from m1_kernels.reference import lightning as RL
 
 pytestmark = pytest.mark.gpu
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.gpu
 def test_every_tiling_matches_reference(variant, dtype, B):
     """B 6: hand-picked slots with padding and unordered slots; B 300: a shuffled cache, every 7th row
     padding."""
-    from lightning_ops import cuda_backend
+    from m1_kernels.lightning_ops import cuda_backend
 
     H, D = 5, 128
     q, k, v = (torch.randn(B, H, D, dtype=torch.float64) for _ in range(3))
@@ -52,7 +52,7 @@ def test_out_of_range_slot_gives_nan_and_leaves_state():
 @pytest.mark.parametrize("D", [64, 128])
 def test_strided_unaligned_rows_match_reference(D):
     """q/k/v as views into one wider tensor at an odd element offset (a fused projection's split)."""
-    from lightning_ops import cuda_backend
+    from m1_kernels.lightning_ops import cuda_backend
 
     B, H, S = 7, 3, 9
     wide = torch.randn(B, H, 3 * D + 1, dtype=torch.float64).to(torch.bfloat16)

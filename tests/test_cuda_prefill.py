@@ -9,9 +9,9 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from lightning_ops import cuda_backend
+from m1_kernels.lightning_ops import cuda_backend
 from numerics import assert_within_2x, nan_filled_outputs
-from reference import lightning as RL
+from m1_kernels.reference import lightning as RL
 
 pytestmark = pytest.mark.gpu
 
@@ -101,8 +101,8 @@ def test_fp32_rejected_clearly():
 
 
 def test_public_api_continuation_gradients_and_opcheck():
-    import lightning_ops
-    from lightning_ops import ops
+    from m1_kernels import lightning_ops
+    from m1_kernels.lightning_ops import ops
 
     (q, k, v), slope, h0 = _inputs(2, 700, 2, 128, 128, torch.float16, 3, 78)
     o, final = lightning_ops.lightning_attn(q, k, v, slope, initial_state=h0, output_final_state=True, backend="cuda")

@@ -16,8 +16,8 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-import moe_ops
-from moe_ops import cuda_backend
+from m1_kernels import moe_ops
+from m1_kernels.moe_ops import cuda_backend
 from numerics import assert_within_2x, nan_filled_outputs
 
 ON_GPU = torch.cuda.is_available()
@@ -27,7 +27,7 @@ TILES = {"large": 0, "small": 1}
 
 def _extension():
     try:
-        from m1_core import _cuda
+        from m1_kernels import _cuda
     except ImportError:
         pytest.skip("the CUDA extension is not built")
     return _cuda
@@ -276,7 +276,7 @@ def test_captures_in_a_cuda_graph_and_follows_new_offsets(tokens):
 def test_extension_exports_the_grouped_gemm_entries():
     ext = _extension()
     for name in ("grouped_gemm", "grouped_gemm_wgrad", "grouped_gemm_workspace_size", "swiglu"):
-        assert callable(getattr(ext, name, None)), f"m1_core._cuda lacks {name}"
+        assert callable(getattr(ext, name, None)), f"m1_kernels._cuda lacks {name}"
 
 
 @pytest.mark.parametrize("field,value,message", [

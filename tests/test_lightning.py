@@ -10,11 +10,11 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-import lightning_ops
-from lightning_ops import ops
-from m1_core.dispatch import resolve_backend
+from m1_kernels import lightning_ops
+from m1_kernels.lightning_ops import ops
+from m1_kernels.dispatch import resolve_backend
 from numerics import DEVICE, assert_within_2x, nan_filled_outputs, require_backend
-from reference import lightning as RL
+from m1_kernels.reference import lightning as RL
 
 ON_GPU = DEVICE.type == "cuda"
 # Long sequences only where they are cheap: the interpreter runs Triton kernels element by element.

@@ -10,11 +10,11 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-import lightning_ops
-from lightning_ops import ops
-from m1_core.dispatch import backend_error, triton_config
+from m1_kernels import lightning_ops
+from m1_kernels.lightning_ops import ops
+from m1_kernels.dispatch import backend_error, triton_config
 from numerics import DEVICE, assert_within_2x, nan_filled_outputs
-from reference import lightning as RL
+from m1_kernels.reference import lightning as RL
 
 ON_GPU = DEVICE.type == "cuda"
 TRITON_OK = backend_error("triton", DEVICE) is None
@@ -22,7 +22,7 @@ needs_triton = pytest.mark.skipif(not TRITON_OK, reason="triton backend unavaila
 
 
 def _chunk():
-    from lightning_ops.triton.chunk import chunk_lightning
+    from m1_kernels.lightning_ops.triton.chunk import chunk_lightning
     return chunk_lightning
 
 
@@ -337,7 +337,7 @@ def test_every_autotune_config_matches_the_first():
     """The suite pins config 0 of each autotuned kernel (tests/conftest.py); here every config of the
     two prefill kernels runs a bf16 varlen pack forward and backward, and its error against float64
     stays within 2x of config 0's."""
-    from lightning_ops.triton import chunk
+    from m1_kernels.lightning_ops.triton import chunk
     kernels = [chunk._segment_kv_kernel, chunk._segment_output_kernel]
     lengths = [0, 1, 1000, 64, 2500]
     cu = cu_of(lengths)

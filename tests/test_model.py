@@ -10,12 +10,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lightning_ops import LightningAttention
-from model import M1Config, M1ForCausalLM, replace_hf_modules
-from moe_ops import SparseMoE
-from model.generate import generate, main as generate_main, sample_next
-from model.modeling import SoftmaxAttention, rotary_cos_sin, apply_partial_rotary
-from reference import attention as RA
+from m1_kernels.lightning_ops import LightningAttention
+from m1_kernels.model import M1Config, M1ForCausalLM, replace_hf_modules
+from m1_kernels.moe_ops import SparseMoE
+from m1_kernels.model.generate import generate, main as generate_main, sample_next
+from m1_kernels.model.modeling import SoftmaxAttention, rotary_cos_sin, apply_partial_rotary
+from m1_kernels.reference import attention as RA
 
 ALPHA = 3.5565588200778455
 

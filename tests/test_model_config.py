@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from model.config import FULL, LINEAR, M1_ALPHA, M1Config
+from m1_kernels.model.config import FULL, LINEAR, M1_ALPHA, M1Config
 
 # The released MiniMax-M1 config.json (original spelling), field for field.
 ORIGINAL_M1 = {

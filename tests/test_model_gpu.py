@@ -9,8 +9,8 @@ the norm weighs it against the whole output instead of failing on it).
 import pytest
 import torch
 
-from model import M1Config, M1ForCausalLM, replace_hf_modules
-from model.config import FULL, LINEAR
+from m1_kernels.model import M1Config, M1ForCausalLM, replace_hf_modules
+from m1_kernels.model.config import FULL, LINEAR
 
 pytestmark = pytest.mark.gpu
 

@@ -4,12 +4,12 @@ parameter counts and DeepSeek-R1's published activated-parameter figure."""
 import pytest
 import torch
 
-from bench.cases_model import deepseek_r1_flops_per_token, generation_flops, m1_flops_per_token
-from model.config import FULL, M1Config
+from m1_kernels.bench.cases_model import deepseek_r1_flops_per_token, generation_flops, m1_flops_per_token
+from m1_kernels.model.config import FULL, M1Config
 
 
 def test_m1_flops_at_zero_context_are_twice_the_active_parameters():
-    from model import M1ForCausalLM
+    from m1_kernels.model import M1ForCausalLM
     config = M1Config.preset("minimax-m1")
     with torch.device("meta"):
         counts = M1ForCausalLM(config).parameter_counts()

@@ -15,11 +15,11 @@ import pytest
 import torch
 from hypothesis import assume, given, strategies as st
 
-import moe_ops
-from m1_core.dispatch import triton_config
-from moe_ops import ops
+from m1_kernels import moe_ops
+from m1_kernels.dispatch import triton_config
+from m1_kernels.moe_ops import ops
 from numerics import DEVICE, assert_within_2x, nan_filled_outputs, require_backend
-from reference import moe as RM
+from m1_kernels.reference import moe as RM
 
 ON_GPU = DEVICE.type == "cuda"
 ROUTINGS = ["uniform", "zipf", "one_expert", "empty_experts"]
@@ -397,7 +397,7 @@ def test_every_autotune_config_matches_the_first(N, H, F):
     """The suite pins config 0 of each autotuned kernel (tests/conftest.py); here every config kept by
     the pruning runs fused_moe forward and backward in bf16 (prefill-sized and decode-sized problems,
     both large enough to tune), and its error against float64 stays within 2x of config 0's."""
-    from moe_ops.triton import grouped_gemm
+    from m1_kernels.moe_ops.triton import grouped_gemm
     kernels = [grouped_gemm.grouped_gemm_kernel, grouped_gemm.grouped_wgrad_kernel]
     E, k = 8, 2
     lo = [t.to(device=DEVICE, dtype=torch.bfloat16) for t in make_moe(N, H, F, E, k, "zipf", 4)]

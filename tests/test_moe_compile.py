@@ -32,7 +32,7 @@ def compile_report(regime, epilogue, layout, tma):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from moe_ops.triton import grouped_gemm as G
+    from m1_kernels.moe_ops.triton import grouped_gemm as G
 
     N, K = (9216, 6144) if epilogue in (1, 2) else (6144, 9216)
     bf16_operand = torch.empty(0, dtype=torch.bfloat16)

@@ -4,8 +4,8 @@ outputs and gradients, shared parameters, the HF state dict and the original per
 import pytest
 import torch
 
-from m1_core.dispatch import backend_error
-from moe_ops import SparseMoE, convert_per_expert_state_dict
+from m1_kernels.dispatch import backend_error
+from m1_kernels.moe_ops import SparseMoE, convert_per_expert_state_dict
 from numerics import DEVICE
 
 transformers = pytest.importorskip("transformers")

@@ -5,9 +5,9 @@ import math
 import torch
 from hypothesis import given, strategies as st
 
-from reference import attention as RA
-from reference import lightning as RL
-from reference import moe as RM
+from m1_kernels.reference import attention as RA
+from m1_kernels.reference import lightning as RL
+from m1_kernels.reference import moe as RM
 
 
 def _qkv(B, T, H, D, Dv, seed):

@@ -1,7 +1,7 @@
 """Triton kernels of lightning attention: `chunk` (prefill forward/backward), `fused_recurrent` (decode)."""
 
-from m1_core.dispatch import triton_interpreted
-from m1_core.interpreter_compat import patch_triton_interpreter
+from m1_kernels.dispatch import triton_interpreted
+from m1_kernels.interpreter_compat import patch_triton_interpreter
 
 if triton_interpreted():
     patch_triton_interpreter()

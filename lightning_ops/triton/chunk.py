@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from m1_core.dispatch import autotune_prune, triton_interpreted
+from m1_kernels.dispatch import autotune_prune, triton_interpreted
 
 BLOCK_T = 64          # tokens per block inside a segment (the intra-block attention is BT x BT)
 SCAN_ELEMENTS = 1024  # state elements per scan program

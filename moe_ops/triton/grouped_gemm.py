@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from m1_core.dispatch import autotune_prune
+from m1_kernels.dispatch import autotune_prune
 
 
 def _set_block_shapes(nargs):

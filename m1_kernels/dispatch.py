@@ -6,8 +6,10 @@ falls back silently.
 """
 
 import contextlib
+import dataclasses
 import functools
 import os
+from typing import Callable
 
 import torch
 
@@ -110,3 +112,33 @@ def resolve_backend(op: str, requested: str | None, implemented, device: torch.d
     if why is not None:
         raise ValueError(f"{op}: {why}")
     return requested
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One row of an op family's backend table (`lightning_ops.BACKENDS`, `moe_ops.BACKENDS`).
+
+    The table is the one place that says what each backend runs: `impl` is its module (imported
+    statically, so a reader can follow a call to its kernel); the other fields say, in words that the
+    README's generated table shows, where it runs, which dtypes and sizes it takes and which of the
+    family's parts run another backend's code. `unsupported(**call)` says why this backend cannot take
+    one call's arguments (None when it can); resolve_backend asks it.
+    """
+
+    name: str
+    impl: object
+    runs_on: str
+    dtypes: tuple
+    limits: str = ""
+    borrows: str = ""
+    unsupported: Callable[..., str | None] = lambda **call: None
+
+
+def backend_table_markdown(title: str, backends) -> str:
+    """The README's table of one op family, generated from its `BACKENDS` (so it cannot drift)."""
+    dtype_names = lambda dts: ", ".join(str(d).removeprefix("torch.") for d in dts)  # noqa: E731
+    lines = [f"**{title}** (default order first)", "",
+             "| backend | runs on | dtypes | limits | borrows |", "| --- | --- | --- | --- | --- |"]
+    for b in backends:
+        lines.append(f"| `{b.name}` | {b.runs_on} | {dtype_names(b.dtypes)} | {b.limits or '-'} | {b.borrows or '-'} |")
+    return "\n".join(lines)

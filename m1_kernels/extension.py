@@ -1,4 +1,4 @@
-"""Access to the compiled CUDA extension `m1_core._cuda` (built by setup.py when nvcc is found).
+"""Access to the compiled CUDA extension `m1_kernels._cuda` (built by setup.py when nvcc is found).
 
 The extension takes raw device pointers; these helpers turn tensors into what it expects.
 """
@@ -16,7 +16,7 @@ def _load():
     try:
         from . import _cuda
     except ImportError as exc:
-        return None, (f"the CUDA extension m1_core._cuda is not built ({exc}); reinstall on a machine with "
+        return None, (f"the CUDA extension m1_kernels._cuda is not built ({exc}); reinstall on a machine with "
                       "nvcc (pip install --no-build-isolation -e .) or use backend='triton'/'torch'")
     return _cuda, None
 
