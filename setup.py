@@ -1,6 +1,6 @@
 """Build: the pure-Python packages always; the CUDA extension `m1_kernels._cuda` when nvcc is found.
 
-The extension links no libtorch (kernels take raw device pointers, see DESIGN.md §2) and links cudart
+The extension links no libtorch (kernels take raw device pointers, see docs/design.md, "Backends") and links cudart
 statically, so one build serves any PyTorch version. Environment:
 
 - ``M1_BUILD_CUDA=0``       skip the extension (pure-Python install).

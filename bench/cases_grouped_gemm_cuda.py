@@ -6,7 +6,7 @@
 over expert-sorted rows (E32 top-2, H6144, F9216; 64 and 8192 tokens). The routing is a seeded random
 softmax top-2, so expert sizes are ragged as in a real model, and it is fixed per case so that the
 floor can count exactly the weights of the experts that receive rows. Peer: torch._grouped_mm for both
-GEMMs with PyTorch's SwiGLU between them (the anchor figures of DESIGN.md §7). At 64 tokens the rows
+GEMMs with PyTorch's SwiGLU between them (the anchor figures of docs/benchmarks.md). At 64 tokens the rows
 "ours[cuda] tile=large|small" force each compiled tile, to check the automatic choice; at 8192 tokens
 "ours[cuda] swiglu=separate" times the unfused path ([M, 2F] GEMM, SwiGLU kernel) against the default
 (gate GEMM, then the up GEMM with SwiGLU in its epilogue).

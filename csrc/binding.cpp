@@ -1,5 +1,5 @@
 // The one pybind11 module of the package: every kernel entry, taking device pointers, shapes, strides,
-// dtype codes and the CUDA stream as integers (no libtorch, DESIGN.md §2). Python wrappers in
+// dtype codes and the CUDA stream as integers (no libtorch, docs/design.md). Python wrappers in
 // lightning_ops/ and moe_ops/ validate inputs before calling in here.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>

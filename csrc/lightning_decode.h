@@ -5,7 +5,7 @@
 
 namespace m1 {
 
-// Raw-pointer arguments: the binding takes them as integers so no framework is linked (DESIGN.md §2).
+// Raw-pointer arguments: the binding takes them as integers so no framework is linked (docs/design.md, "Backends").
 // q/k/v are [B, H, D] with unit stride in the last dim; state is a contiguous [S, H, D, DV] fp32 cache;
 // slot_idx is int32 [B]; out is a contiguous [B, H, DV] tensor of the input dtype.
 struct LightningDecodeArgs {

@@ -1,6 +1,6 @@
 """Public lightning-attention ops: input checks, backend dispatch, torch.library registration.
 
-Semantics (DESIGN.md §3), per head h with rate s_h > 0 and state S [D, Dv] in fp32:
+Semantics (docs/lightning.md), per head h with rate s_h > 0 and state S [D, Dv] in fp32:
 
     S_t = exp(-s_h) S_{t-1} + k_t^T v_t          o_t = scale * q_t S_t
 

@@ -1,4 +1,4 @@
-"""Backend selection (DESIGN.md §2): explicit `backend=` > `M1_OPS_BACKEND` > fastest verified here.
+"""Backend selection (docs/design.md, "Backends"): explicit `backend=` > `M1_OPS_BACKEND` > fastest verified here.
 
 Every public op has up to three backends with one signature: "cuda" (csrc extension), "triton" and
 "torch" (plain PyTorch, runs anywhere). A backend that is asked for and cannot run raises; nothing

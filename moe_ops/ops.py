@@ -1,4 +1,4 @@
-"""Public MoE ops: input checks, backend dispatch, torch.library registration (DESIGN.md §4).
+"""Public MoE ops: input checks, backend dispatch, torch.library registration (docs/moe.md).
 
     weights, ids = route(x, gate_weight, top_k)                  fp32 softmax, top-k, renormalise
     x_sorted, sorted_idx, offsets = permute(x, ids, E)           stable expert-contiguous rows

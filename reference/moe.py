@@ -1,4 +1,4 @@
-"""Mixture-of-Experts as a per-expert loop (DESIGN.md §4).
+"""Mixture-of-Experts as a per-expert loop (docs/moe.md).
 
 Router: logits = x @ gate^T in float32 (or the input's dtype when that is wider), softmax, top-k,
 renormalise the k weights to sum to 1. Expert e: w2(silu(w1 x) * w3 x) with

@@ -1,6 +1,6 @@
 """The model on the GPU with the kernel backends (default dispatch: Triton / CUDA), in bf16.
 
-Rule (DESIGN.md §6, at model level): against the fp32 torch-backend forward of the same weights, the
+Rule (docs/design.md, "Numerics", at model level): against the fp32 torch-backend forward of the same weights, the
 bf16 kernel path's error stays within 2x the error of the bf16 torch-backend path, plus a small floor.
 Errors are relative Frobenius norms over all logits (one bf16 routing flip moves a few logits a lot;
 the norm weighs it against the whole output instead of failing on it).
