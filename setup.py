@@ -19,6 +19,7 @@ from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 EXT_NAME = "m1_kernels._cuda"
@@ -116,6 +117,15 @@ PACKAGE_DIR = {"m1_kernels": "m1_kernels", **{f"m1_kernels.{name}": name for nam
                                                ("lightning_ops", "moe_ops", "reference", "model", "trainer", "bench")}}
 
 
+class BuildPyWithoutTests(build_py):
+    """Leaves pytest files (bench/test_bench.py, bench/conftest.py) out of the wheel: they run from a
+    checkout (`pytest bench --benchmark-only`); an install needs only the cases and the report."""
+
+    def find_package_modules(self, package, package_dir):
+        return [(pkg, module, path) for pkg, module, path in super().find_package_modules(package, package_dir)
+                if not (module.startswith("test_") or module == "conftest")]
+
+
 def _packages():
     packages = []
     for root, folder in PACKAGE_DIR.items():
@@ -143,12 +153,15 @@ setup(
     python_requires=">=3.10",
     packages=_packages(),
     package_dir=PACKAGE_DIR,
-    install_requires=["torch>=2.6", "triton>=3.2; platform_system=='Linux'"],
+    # numpy: the Triton interpreter (CPU paths) fails without it; safetensors: model checkpoints.
+    install_requires=["torch>=2.6", "triton>=3.2; platform_system=='Linux'", "numpy", "safetensors"],
     extras_require={
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "transformers>=5", "safetensors"],
-        "bench": ["pytest-benchmark", "matplotlib"],
+        "hf": ["transformers>=5"],                       # replace_hf_modules, the equivalence tests
+        # plots, `pytest bench --benchmark-only`, and flash-linear-attention's kernels as a peer (GPU)
+        "bench": ["matplotlib", "pytest-benchmark", "fla-core"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "pytest-benchmark", "transformers>=5"],
     },
     ext_modules=_extensions(),
-    cmdclass={"build_ext": NinjaCudaBuild},
+    cmdclass={"build_ext": NinjaCudaBuild, "build_py": BuildPyWithoutTests},
     zip_safe=False,
 )
