@@ -1,14 +1,21 @@
-// Shared plumbing for the kernels: dtype codes (must match m1_core/extension.py) and error returns.
+// Shared plumbing for the kernels: the dtype enum (the one definition; the binding exports it to Python
+// as m1_kernels._cuda.DType) and float conversions for device code.
 #pragma once
 
-#include <cuda_runtime.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cstdint>
 
 namespace m1 {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+}  // namespace m1
+
+#if defined(__CUDACC__)  // device helpers: the host-compiled binding includes this header for DType only
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace m1 {
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -22,3 +29,4 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 }
 
 }  // namespace m1
+#endif

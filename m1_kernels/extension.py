@@ -1,15 +1,13 @@
 """Access to the compiled CUDA extension `m1_kernels._cuda` (built by setup.py when nvcc is found).
 
-The extension takes raw device pointers; these helpers turn tensors into what it expects.
+The extension takes raw device pointers and keyword arguments only; these helpers turn tensors into
+what it expects. Its enums (DType, GroupedGemmTile) are defined once, in csrc/, and exported by the
+binding: Python refers to their members by name and never writes a code.
 """
 
 import functools
 
 import torch
-
-# Must match csrc/common.h (m1::DType).
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
 
 @functools.cache
 def _load():
@@ -53,6 +51,11 @@ def cuda_extension(device: torch.device | None = None):
     if why is not None:
         raise RuntimeError(why)
     return _load()[0]
+
+
+def kernel_dtype(dtype: torch.dtype):
+    """The extension's DType member for a torch dtype, matched by name (torch.bfloat16 -> DType.bfloat16)."""
+    return getattr(_load()[0].DType, str(dtype).removeprefix("torch."))
 
 
 def ptr(t: torch.Tensor | None) -> int:
