@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import functools
 import os
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -64,7 +64,7 @@ def triton_config(index, kernels):
 
 
 def backend_error(backend: str, device: torch.device) -> str | None:
-    """Why `backend` cannot run on `device` (None when it can)."""
+    """Why the backend kind `backend` ("cuda", "triton", "torch") cannot run on `device` (None when it can)."""
     if backend == "torch":
         return None
     if backend == "triton":
@@ -77,52 +77,19 @@ def backend_error(backend: str, device: torch.device) -> str | None:
     return f"unknown backend {backend!r}; choose one of {BACKENDS}"
 
 
-def available_backends(implemented, device: torch.device) -> list[str]:
-    return [b for b in implemented if backend_error(b, device) is None]
-
-
-def resolve_backend(op: str, requested: str | None, implemented, device: torch.device,
-                    unsupported=lambda backend: None) -> str:
-    """Pick the backend for one call of `op`.
-
-    `implemented` lists the backends that `op` has, fastest first as measured on Hopper (see
-    bench/results); the default is the first of them that can run on `device` and take this call's
-    arguments (`unsupported(backend)` says why not, e.g. a head dim without a kernel). CPU tensors
-    default to "torch" (the Triton interpreter is for tests, not for speed). A requested backend that
-    cannot take the arguments raises ValueError.
-    """
-    source = "backend="
-    if requested is None:
-        requested, source = os.environ.get(ENV_VAR) or None, ENV_VAR + "="
-    if requested is None:
-        if device.type != "cuda":
-            return "torch"
-        for backend in implemented:
-            if backend_error(backend, device) is None and unsupported(backend) is None:
-                return backend
-        raise RuntimeError(f"{op}: no backend can run on {device}")  # unreachable: torch always can
-    if requested not in BACKENDS:
-        raise ValueError(f"{op}: {source}{requested!r} is not a backend; choose one of {BACKENDS}")
-    if requested not in implemented:
-        raise ValueError(f"{op}: {source}{requested!r} is not implemented for this op (it has {list(implemented)})")
-    why = backend_error(requested, device)
-    if why is not None:
-        raise RuntimeError(f"{op}: {source}{requested!r} is unavailable: {why}")
-    why = unsupported(requested)
-    if why is not None:
-        raise ValueError(f"{op}: {why}")
-    return requested
-
-
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Backend:
     """One row of an op family's backend table (`lightning_ops.BACKENDS`, `moe_ops.BACKENDS`).
 
     The table is the one place that says what each backend runs: `impl` is its module (imported
-    statically, so a reader can follow a call to its kernel); the other fields say, in words that the
-    README's generated table shows, where it runs, which dtypes and sizes it takes and which of the
-    family's parts run another backend's code. `unsupported(**call)` says why this backend cannot take
-    one call's arguments (None when it can); resolve_backend asks it.
+    statically, so a reader can follow a call to its kernel; None where the import failed, e.g. triton
+    not installed, which `backend_error` then reports). The text fields are what the README's generated
+    table shows: where it runs, which dtypes it takes, its limits. `borrows` maps a part of the family
+    (e.g. "backward") to the name of the backend whose code runs that part for this one; a borrowing
+    backend is available only where its lenders are. `custom_ops`: its functions run inside the
+    family's torch.library custom ops (fake tensors, registered autograd, opcheck); False for plain
+    PyTorch, called directly (autograd and torch.compile trace through it). `unsupported(op, **call)`
+    says why this backend cannot take one call of `op` (None when it can); resolve_backend asks it.
     """
 
     name: str
@@ -130,15 +97,80 @@ class Backend:
     runs_on: str
     dtypes: tuple
     limits: str = ""
-    borrows: str = ""
-    unsupported: Callable[..., str | None] = lambda **call: None
+    borrows: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    custom_ops: bool = True
+    unsupported: Callable[..., str | None] = lambda op, **call: None
+
+    def device_error(self, device: torch.device) -> str | None:
+        """Why this backend cannot run on `device` (its own kind, then each backend it borrows from)."""
+        for name in (self.name, *self.borrows.values()):
+            why = backend_error(name, device)
+            if why is not None:
+                return why if name == self.name else f"it borrows from {name!r}, and {why}"
+        return None
 
 
-def backend_table_markdown(title: str, backends) -> str:
-    """The README's table of one op family, generated from its `BACKENDS` (so it cannot drift)."""
+def _rows(backends):
+    # Names stand for rows without limits until moe_ops declares its table (then this goes).
+    return [b if isinstance(b, Backend) else Backend(b, None, "", ()) for b in backends]
+
+
+def available_backends(backends, device: torch.device) -> list:
+    """The rows of `backends` that can run on `device` (in their order)."""
+    rows = [row for row in _rows(backends) if row.device_error(device) is None]
+    return rows if all(isinstance(b, Backend) for b in backends) else [row.name for row in rows]
+
+
+def resolve_backend(op: str, requested: str | None, backends, device: torch.device, **call):
+    """Pick the backend row for one call of `op`.
+
+    `backends` are the rows of the op's family table that implement `op`, in its default order
+    (fastest first as measured on Hopper, bench/results). The default is the first that can run on
+    `device` and take this call (`row.unsupported(op, **call)`); CPU tensors default to "torch" (the
+    Triton interpreter is for tests, not for speed). A requested backend (argument, else the
+    M1_OPS_BACKEND environment variable) that is unknown, not implemented for `op` or cannot take the
+    call raises ValueError; one that cannot run here raises RuntimeError. Nothing is substituted.
+    """
+    rows = _rows(backends)
+    source = "backend="
+    if requested is None:
+        requested, source = os.environ.get(ENV_VAR) or None, ENV_VAR + "="
+    if requested is None:
+        candidates = [r for r in rows if r.name == "torch"] if device.type != "cuda" else rows
+        for row in candidates:
+            if row.device_error(device) is None and row.unsupported(op, **call) is None:
+                return _result(row, backends)
+        raise RuntimeError(f"{op}: no backend can run this call on {device}")  # unreachable: torch always can
+    if requested not in BACKENDS:
+        raise ValueError(f"{op}: {source}{requested!r} is not a backend; choose one of {BACKENDS}")
+    by_name = {r.name: r for r in rows}
+    if requested not in by_name:
+        raise ValueError(f"{op}: {source}{requested!r} is not implemented for this op (it has {list(by_name)})")
+    row = by_name[requested]
+    why = row.device_error(device)
+    if why is not None:
+        raise RuntimeError(f"{op}: {source}{requested!r} is unavailable: {why}")
+    why = row.unsupported(op, **call)
+    if why is not None:
+        raise ValueError(f"{op}: {why}")
+    return _result(row, backends)
+
+
+def _result(row, backends):
+    return row if isinstance(backends[0], Backend) else row.name
+
+
+def backend_table_markdown(title: str, backends, op_backends: Mapping[str, Sequence] | None = None) -> str:
+    """The README's table of one op family, generated from its `BACKENDS` (so it cannot drift);
+    `op_backends` (op -> its rows in default order) adds the default order of each op."""
     dtype_names = lambda dts: ", ".join(str(d).removeprefix("torch.") for d in dts)  # noqa: E731
-    lines = [f"**{title}** (default order first)", "",
+    borrowed = lambda b: "; ".join(f"{part}: `{lender}`" for part, lender in b.borrows.items())  # noqa: E731
+    lines = [f"**{title}**", "",
              "| backend | runs on | dtypes | limits | borrows |", "| --- | --- | --- | --- | --- |"]
     for b in backends:
-        lines.append(f"| `{b.name}` | {b.runs_on} | {dtype_names(b.dtypes)} | {b.limits or '-'} | {b.borrows or '-'} |")
+        lines.append(f"| `{b.name}` | {b.runs_on} | {dtype_names(b.dtypes)} | {b.limits or '-'} | "
+                     f"{borrowed(b) or '-'} |")
+    if op_backends:
+        lines += ["", "Default order (the first that can run the call is used): " + "; ".join(
+            f"`{op}`: " + " > ".join(f"`{b.name}`" for b in rows) for op, rows in op_backends.items()) + "."]
     return "\n".join(lines)
