@@ -39,3 +39,12 @@ def softmax_attention(q, k, v, scale=None, causal=True):
         ki = torch.arange(Tk, device=q.device)[None, :]
         scores = scores.masked_fill(ki > qi, float("-inf"))
     return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, dim=-1), v)
+
+
+def gather_paged(pages, page_ids, length):
+    """A paged cache [P, Hkv, page_size, D] -> the first `length` rows [length, Hkv, D] of the sequence
+    whose pages are `page_ids` in order (row t is in page page_ids[t // page_size], offset t % page_size)."""
+    page_size = pages.shape[2]
+    used = [int(p) for p in page_ids[: -(-length // page_size)]]
+    rows = [pages[p].transpose(0, 1) for p in used]
+    return torch.cat(rows)[:length] if rows else pages.new_zeros(0, pages.shape[1], pages.shape[3])
