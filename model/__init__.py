@@ -1,19 +1,24 @@
 """MiniMax-M1: config, model, checkpoints, hybrid cache, generation, drop-in modules for `transformers`.
 
-`M1Config` imports on its own; `M1ForCausalLM` and `replace_hf_modules` import the kernel packages
-(lightning_ops, moe_ops) on first use.
+`M1Config` imports on its own; the rest imports the kernel packages (lightning_ops, moe_ops) or
+safetensors on first use.
 """
 
 from .config import M1Config
 
-__all__ = ["M1Config", "M1ForCausalLM", "replace_hf_modules"]
+# name -> submodule that defines it, imported on first access
+_LAZY = {
+    "M1ForCausalLM": "modeling",
+    "replace_hf_modules": "hf",
+    "convert_per_expert_state_dict": "checkpoint",
+    "without_derived_buffers": "checkpoint",
+}
+
+__all__ = ["M1Config", *_LAZY]
 
 
 def __getattr__(name):
-    if name == "M1ForCausalLM":
-        from .modeling import M1ForCausalLM
-        return M1ForCausalLM
-    if name == "replace_hf_modules":
-        from .hf import replace_hf_modules
-        return replace_hf_modules
-    raise AttributeError(f"module 'model' has no attribute {name!r}")
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,6 +14,11 @@ error lists all missing keys, unexpected keys and shape mismatches), then parame
 the target device and each checkpoint tensor is read and copied into its place one at a time — the
 checkpoint is never held in memory twice. Saving writes the original names (or `transformers`' names)
 in shards of at most `max_shard_bytes`, with a `model.safetensors.index.json` when there is more than one.
+`transformers` checkpoints also hold the decay buffers of the lightning layers (HF_DERIVED_BUFFERS): they
+are read past, as the model derives them from the config.
+
+The same naming knowledge for state dicts in memory: `convert_per_expert_state_dict` (original per-expert
+names to the stacked layout) and `without_derived_buffers` (a `transformers` state dict for our modules).
 """
 
 import contextlib
@@ -30,13 +35,86 @@ from .config import M1Config
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+_WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
 
-_ORIGINAL_EXPERT = re.compile(r"^(model\.layers\.\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
-_ORIGINAL_MOE = re.compile(r"^(model\.layers\.\d+)\.block_sparse_moe\.(.+)$")
-# Buffers `transformers` saves although they are derived from the config (decay tables of the
-# lightning layers): read past, never loaded.
-_DERIVED = re.compile(r"^model\.layers\.\d+\.self_attn\.(slope_rate|query_decay|key_decay|diagonal_decay)$")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# One original per-expert weight: `{prefix}experts.{e}.w1|w2|w3.weight` (prefix `model.layers.{i}.block_sparse_moe.`
+# in a checkpoint, anything in a block's own state dict).
+_PER_EXPERT = re.compile(r"^(?P<prefix>.*)experts\.(?P<e>\d+)\.(?P<w>w[123])\.weight$")
+_ORIGINAL_BLOCK = re.compile(r"^(model\.layers\.\d+)\.block_sparse_moe\.")
+# Buffers `transformers` saves in every lightning layer although the config determines them (decay rates
+# and tables): read past, never loaded (our layers recompute their rates from the release's formula).
+HF_DERIVED_BUFFERS = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")
+_DERIVED = re.compile(rf"^model\.layers\.\d+\.self_attn\.({'|'.join(HF_DERIVED_BUFFERS)})$")
+# Tensor dtypes a checkpoint may store (safetensors header names); anything else is not a weight of this model.
+_FLOAT_HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# The parameter dtypes the model runs in.
+MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def stacked_target(prefix: str, e: int, w: str, ffn: int):
+    """Where the original per-expert weight `{prefix}experts.{e}.{w}.weight` lives in the stacked layout:
+    (parameter name, index). w1 (gate) is rows [0, F) of gate_up_proj[e], w3 (up) rows [F, 2F), w2 is
+    down_proj[e]."""
+    if w == "w2":
+        return f"{prefix}experts.down_proj", (e,)
+    return f"{prefix}experts.gate_up_proj", (e, slice(0, ffn) if w == "w1" else slice(ffn, 2 * ffn))
+
+
+def convert_per_expert_state_dict(state_dict) -> dict:
+    """Rename the original release's per-expert weights to the stacked layout of `moe_ops.SparseMoE`.
+
+    `...experts.{e}.w1.weight` [F, H] (gate), `w3` [F, H] (up) and `w2` [H, F] (down) become
+    `...experts.gate_up_proj` [E, 2F, H] and `...experts.down_proj` [E, H, F]; every other entry (for
+    example `...gate.weight`) passes through unchanged. Works on a block's own state dict or a whole
+    model's (any prefix such as `block_sparse_moe.`; the prefix is kept).
+    """
+    out, groups = {}, {}
+    for name, tensor in state_dict.items():
+        m = _PER_EXPERT.match(name)
+        if m is None:
+            out[name] = tensor
+        else:
+            groups.setdefault(m["prefix"], {})[(int(m["e"]), m["w"])] = tensor
+    for prefix, weights in groups.items():
+        E = 1 + max(e for e, _ in weights)
+        missing = [f"{prefix}experts.{e}.{w}.weight" for e in range(E) for w in ("w1", "w2", "w3")
+                   if (e, w) not in weights]
+        if missing:
+            raise ValueError(f"per-expert state dict is missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        ffn, hidden = weights[(0, "w1")].shape
+        first = weights[(0, "w1")]
+        stacked = {f"{prefix}experts.gate_up_proj": first.new_empty(E, 2 * ffn, hidden),
+                   f"{prefix}experts.down_proj": first.new_empty(E, hidden, ffn)}
+        for (e, w), tensor in sorted(weights.items()):
+            name, index = stacked_target(prefix, e, w, ffn)
+            if tuple(stacked[name][index].shape) != tuple(tensor.shape):
+                raise ValueError(f"{prefix}experts.{e}.{w}.weight has shape {tuple(tensor.shape)}, expected "
+                                 f"{tuple(stacked[name][index].shape)} (from experts.0.w1: F={ffn}, H={hidden})")
+            stacked[name][index] = tensor
+        out.update(stacked)
+    return out
+
+
+def without_derived_buffers(state_dict) -> dict:
+    """A `transformers` state dict without the decay buffers of its lightning layers (HF_DERIVED_BUFFERS),
+    ready for `load_state_dict` of our modules, which derive them from the config."""
+    return {k: v for k, v in state_dict.items() if k.rsplit(".", 1)[-1] not in HF_DERIVED_BUFFERS}
+
+
+def parse_dtype(dtype, name: str = "dtype"):
+    """A model dtype from a torch.dtype or its name as `transformers` takes it ("bfloat16", "float", ...;
+    "auto" is resolved by the caller). Raises naming `name` for anything else."""
+    if isinstance(dtype, str):
+        value = getattr(torch, dtype, None)
+        if not isinstance(value, torch.dtype):
+            raise ValueError(f"{name} {dtype!r} is not a torch dtype name; use 'auto' or one of "
+                             f"{[str(d).removeprefix('torch.') for d in MODEL_DTYPES]}")
+        dtype = value
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{name} must be a torch.dtype, its name or 'auto', got {type(dtype).__name__}")
+    if dtype not in MODEL_DTYPES:
+        raise ValueError(f"{name} {dtype} is not a dtype the model runs in ({', '.join(map(str, MODEL_DTYPES))})")
+    return dtype
 
 
 def checkpoint_files(folder) -> list[str]:
@@ -61,17 +139,12 @@ def target_of(key: str, ffn: int):
     derived buffer. The part id tells which piece of a stacked expert parameter the key covers."""
     if _DERIVED.match(key):
         return None
-    m = _ORIGINAL_EXPERT.match(key)
+    name = _ORIGINAL_BLOCK.sub(r"\1.mlp.", key)
+    m = _PER_EXPERT.match(name) if name != key else None     # per-expert names only in the original naming
     if m:
-        layer, e, w = m.group(1), int(m.group(2)), m.group(3)
-        if w == "w2":
-            return f"{layer}.mlp.experts.down_proj", (e,), (e, w)
-        rows = slice(0, ffn) if w == "w1" else slice(ffn, 2 * ffn)
-        return f"{layer}.mlp.experts.gate_up_proj", (e, rows), (e, w)
-    m = _ORIGINAL_MOE.match(key)
-    if m:
-        return f"{m.group(1)}.mlp.{m.group(2)}", (), "all"
-    return key, (), "all"
+        e, w = int(m["e"]), m["w"]
+        return (*stacked_target(m["prefix"], e, w, ffn), (e, w))
+    return name, (), "all"
 
 
 def _required_parts(name: str, param, num_experts: int):
@@ -172,28 +245,39 @@ def _materialize(model, dtype, device):
 
 
 def load_pretrained(cls, folder, dtype=None, device=None, backend=None):
-    """Build `cls(config)` from a checkpoint folder; see the module docstring."""
+    """Build `cls(config)` from a checkpoint folder; see the module docstring.
+
+    dtype: a torch dtype or its name as `transformers` takes it ("bfloat16", "float32", ...); None or
+    "auto": the config's `torch_dtype` (or `dtype`), else that of the checkpoint's first tensor."""
     folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder} is not a local checkpoint folder (for a model on the Hugging Face "
+                                "Hub, download it first, e.g. with huggingface_hub.snapshot_download)")
     config = M1Config.from_pretrained(folder)
-    with open(os.path.join(folder, "config.json")) as f:
-        stored = json.load(f)
-    if dtype is None:
-        name = stored.get("torch_dtype") or stored.get("dtype") or "float32"
-        if name not in _DTYPES:
-            raise ValueError(f"checkpoint dtype {name!r} not supported; pass dtype=")
-        dtype = _DTYPES[name]
+    if dtype is not None and dtype != "auto":
+        dtype = parse_dtype(dtype)
     device = torch.device(device or "cpu")
     files = checkpoint_files(folder)
     with parameters_on_meta():
         model = cls(config, backend=backend)
-    shapes, where = {}, {}
+    shapes, dtypes, where = {}, {}, {}
     for path in files:
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
                 if key in shapes:
                     raise ValueError(f"key {key} appears in two shards ({where[key]} and {path})")
-                shapes[key], where[key] = f.get_slice(key).get_shape(), path
+                header = f.get_slice(key)
+                shapes[key], dtypes[key], where[key] = header.get_shape(), header.get_dtype(), path
     check_keys(model, shapes, config.intermediate_size, config.num_local_experts)
+    not_float = [f"{k} ({t})" for k, t in dtypes.items() if t not in _FLOAT_HEADER_DTYPES and not _DERIVED.match(k)]
+    if not_float:
+        raise TypeError(f"checkpoint tensors must be floating point (F32, BF16, F16, F64), got {', '.join(not_float)}")
+    if dtype is None or dtype == "auto":
+        with open(os.path.join(folder, "config.json")) as f:
+            stored = json.load(f)
+        name = stored.get("torch_dtype") or stored.get("dtype")
+        dtype = parse_dtype(name, "config.json torch_dtype") if name is not None else \
+            _FLOAT_HEADER_DTYPES[next(t for k, t in dtypes.items() if not _DERIVED.match(k))]
     _materialize(model, dtype, device)
     params = _unique_parameters(model)
     with torch.no_grad():
@@ -213,12 +297,12 @@ def original_names(name: str, tensor, ffn: int):
     if not m:
         return [(name, tensor)]
     layer, rest = m.groups()
-    if rest == "experts.gate_up_proj":
-        return [(f"{layer}.block_sparse_moe.experts.{e}.{w}.weight", tensor[e, rows])
-                for e in range(tensor.shape[0]) for w, rows in (("w1", slice(0, ffn)), ("w3", slice(ffn, None)))]
-    if rest == "experts.down_proj":
-        return [(f"{layer}.block_sparse_moe.experts.{e}.w2.weight", tensor[e]) for e in range(tensor.shape[0])]
-    return [(f"{layer}.block_sparse_moe.{rest}", tensor)]
+    prefix = f"{layer}.block_sparse_moe."
+    parts = {"experts.gate_up_proj": ("w1", "w3"), "experts.down_proj": ("w2",)}.get(rest)
+    if parts is None:
+        return [(prefix + rest, tensor)]
+    return [(f"{prefix}experts.{e}.{w}.weight", tensor[stacked_target("", e, w, ffn)[1]])
+            for e in range(tensor.shape[0]) for w in parts]
 
 
 def save_pretrained(model, folder, max_shard_bytes: int = 5 << 30, names: str = "original"):
@@ -226,6 +310,10 @@ def save_pretrained(model, folder, max_shard_bytes: int = 5 << 30, names: str = 
     if names not in ("original", "transformers"):
         raise ValueError(f"names must be 'original' or 'transformers', got {names!r}")
     os.makedirs(folder, exist_ok=True)
+    # Weights of an earlier save into this folder go first: a stale index or shard would be loaded instead.
+    for name in os.listdir(folder):
+        if _WEIGHT_FILE.match(name):
+            os.remove(os.path.join(folder, name))
     config = model.config
     params = _unique_parameters(model)
     if config.tie_word_embeddings:

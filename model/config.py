@@ -15,10 +15,15 @@ dims (all of them when the factor is absent, which is what `transformers` itself
 
 Fields we do not model raise instead of being dropped: an unknown key, or a known key with a value this
 model does not implement (shared experts, pre-norm residuals, sliding windows, quantisation, ...).
+Nothing is guessed either: the shape keys both spellings always hold (`_REQUIRED_KEYS`, the RoPE base and
+the layer kinds) must be present (the dataclass defaults are the released model, for `preset`), and a value
+of the wrong JSON type (a string for a number, "false" for a boolean, 64.0 for a size) raises TypeError
+naming the field instead of being converted.
 """
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -61,6 +66,27 @@ _TRANSFORMERS_KEYS = {
 }
 _OUR_KEYS = {"lm_head_fp32", "lightning_norm_eps"}
 _MODEL_TYPES = {"minimax_m1", "minimax", "minimax_text_01", "MiniMaxM1", "MiniMaxText01"}
+# Keys a config.json must hold: both implementations define them, with defaults that differ from the
+# released model's and from each other's (transformers: rope_theta 1e6, max_position_embeddings 131072),
+# so a missing one would be a silent guess. Rope theta and the layer kinds are checked per spelling.
+_REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                  "num_local_experts", "num_experts_per_tok", "rms_norm_eps", "max_position_embeddings")
+
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "head_dim", "intermediate_size", "num_local_experts", "num_experts_per_tok",
+                  "max_position_embeddings")
+_FLOATS = ("rope_theta", "rms_norm_eps", "lightning_norm_eps", "linear_attn_alpha", "linear_attn_beta",
+           "full_attn_alpha", "full_attn_beta", "mlp_alpha", "mlp_beta")
+_BOOLS = ("tie_word_embeddings", "lm_head_fp32")
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass
@@ -100,22 +126,36 @@ class M1Config:
     lm_head_fp32: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.layer_types, (list, tuple)):
+            raise TypeError(f"layer_types must be a list, got {type(self.layer_types).__name__}")
         self.layer_types = list(self.layer_types)
         self.validate()
 
     # ------------------------------------------------------------------------------------------------
     def validate(self):
-        """Raise ValueError naming the first inconsistent field."""
-        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                    "head_dim", "intermediate_size", "num_local_experts", "num_experts_per_tok")
-        for name in positive:
+        """Raise TypeError naming the first field of the wrong type, then ValueError naming the first
+        inconsistent one (JSON gives strings, floats and booleans where integers belong: none is converted)."""
+        for name in _POSITIVE_INTS + ("rotary_dim",):
+            if not _is_int(getattr(self, name)):
+                raise TypeError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        for name in _FLOATS:
+            if not _is_number(getattr(self, name)):
+                raise TypeError(f"{name} must be a number, got {getattr(self, name)!r}")
+        for name in _BOOLS:
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in _TOKEN_IDS:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            ids = value if isinstance(value, list) else [] if value is None else [value]
+            if not all(_is_int(t) and t >= 0 for t in ids):
+                raise TypeError(f"{name} must be None, a token id or a list of token ids, got {value!r}")
+        for name in _POSITIVE_INTS:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(f"layer_types lists {len(self.layer_types)} layers but num_hidden_layers is "
                              f"{self.num_hidden_layers}")
-        bad = sorted({t for t in self.layer_types if t not in (LINEAR, FULL)})
+        bad = sorted({repr(t) for t in self.layer_types if t not in (LINEAR, FULL)})
         if bad:
             raise ValueError(f"layer_types may only hold {LINEAR!r} or {FULL!r}, got {bad}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -129,8 +169,11 @@ class M1Config:
         if LINEAR in self.layer_types and self.num_hidden_layers < 2:
             raise ValueError("lightning layers need num_hidden_layers >= 2 (their decay depends on depth)")
         for name in ("rope_theta", "rms_norm_eps", "lightning_norm_eps"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be positive and finite, got {getattr(self, name)!r}")
+        for name in _FLOATS[3:]:
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)!r}")
 
     # ------------------------------------------------------------------------------------------------
     @property
@@ -235,17 +278,30 @@ def _parse(raw: dict) -> dict:
                      - _TRANSFORMERS_KEYS - _OUR_KEYS)
     if unknown:
         raise ValueError(f"unknown config keys {unknown}")
+    missing = [k for k in _REQUIRED_KEYS if k not in raw]
+    if missing:
+        raise ValueError(f"config is missing {missing}: a MiniMax config.json always holds them, and guessing "
+                         "would build a different model")
     for key, allowed in _REQUIRED_VALUES.items():
-        if key in raw and raw[key] not in allowed:
+        if key not in raw:
+            continue
+        # 1 == True and 0.0 == 0 in Python: compare types as well, and say so when only the type is wrong.
+        if not any(type(raw[key]) is type(a) and raw[key] == a for a in allowed):
+            types = {type(a) for a in allowed if a is not None}
+            if raw[key] is not None and types and type(raw[key]) not in types:
+                raise TypeError(f"config {key} must be {' or '.join(t.__name__ for t in types)}, got {raw[key]!r}")
             raise ValueError(f"config {key}={raw[key]!r} is not supported (this model implements {key}="
                              f"{' or '.join(repr(a) for a in allowed)})")
     if "model_type" in raw and raw["model_type"] not in _MODEL_TYPES:
         raise ValueError(f"config model_type {raw['model_type']!r} is not a MiniMax model ({sorted(_MODEL_TYPES)})")
 
     out = {k: raw[k] for k in _COMMON_KEYS | _OUR_KEYS if k in raw and k != "rope_theta"}
-    if out.get("head_dim") is None and "hidden_size" in raw and "num_attention_heads" in raw:
-        out["head_dim"] = raw["hidden_size"] // raw["num_attention_heads"]
-    head_dim = out.get("head_dim", M1Config.head_dim)
+    if out.get("head_dim") is None:         # as both implementations derive it
+        heads = _need_int(raw, "num_attention_heads")
+        if heads < 1:
+            raise ValueError(f"num_attention_heads must be a positive integer, got {heads}")
+        out["head_dim"] = _need_int(raw, "hidden_size") // heads
+    head_dim = _need_int(out, "head_dim")
     theta = raw.get("rope_theta")
 
     if original or not hf:
@@ -253,6 +309,8 @@ def _parse(raw: dict) -> dict:
             raise ValueError("config must list the layer kinds: 'attn_type_list' (original) or 'layer_types' "
                              "(transformers)")
         kinds = raw["attn_type_list"]
+        if not isinstance(kinds, list) or not all(_is_int(k) for k in kinds):
+            raise TypeError(f"attn_type_list must be a list of integers, got {kinds!r}")
         if any(k not in (0, 1) for k in kinds):
             raise ValueError(f"attn_type_list may only hold 0 (lightning) or 1 (softmax), got {sorted(set(kinds))}")
         out["layer_types"] = [FULL if k == 1 else LINEAR for k in kinds]
@@ -264,8 +322,12 @@ def _parse(raw: dict) -> dict:
         if "layer_types" not in raw:
             raise ValueError("config must list the layer kinds: 'attn_type_list' (original) or 'layer_types' "
                              "(transformers)")
+        if not isinstance(raw["layer_types"], list):
+            raise TypeError(f"layer_types must be a list, got {raw['layer_types']!r}")
         out["layer_types"] = list(raw["layer_types"])
         rope = raw.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise TypeError(f"rope_parameters must be a dict, got {rope!r}")
         extra = sorted(set(rope) - {"rope_type", "rope_theta", "partial_rotary_factor"})
         if extra or rope.get("rope_type", "default") != "default":
             raise ValueError(f"rope_parameters {rope} not supported: only the default RoPE (rope_type 'default', "
@@ -274,6 +336,8 @@ def _parse(raw: dict) -> dict:
             raise ValueError(f"rope_theta {theta} disagrees with rope_parameters.rope_theta {rope['rope_theta']}")
         theta = rope.get("rope_theta", theta)
         factor = rope.get("partial_rotary_factor", 1.0)
+        if not _is_number(factor):
+            raise TypeError(f"rope_parameters.partial_rotary_factor must be a number, got {factor!r}")
         rotary = head_dim * factor
         if rotary != int(rotary):
             raise ValueError(f"partial_rotary_factor {factor} does not give a whole number of dims of head_dim {head_dim}")
@@ -281,8 +345,19 @@ def _parse(raw: dict) -> dict:
         for part in ("full_attn", "linear_attn", "mlp"):
             for ab in ("alpha", "beta"):
                 out[f"{part}_{ab}"] = raw.get(f"{part}_{ab}_factor", 1.0)
-    if theta is not None:
-        out["rope_theta"] = float(theta)
+    if theta is None:
+        raise ValueError("config is missing the RoPE base: 'rope_theta' (original) or 'rope_parameters.rope_theta' "
+                         "(transformers)")
+    if not _is_number(theta):
+        raise TypeError(f"rope_theta must be a number, got {theta!r}")
+    out["rope_theta"] = float(theta)
     if "num_hidden_layers" not in out:
         out["num_hidden_layers"] = len(out["layer_types"])
     return out
+
+
+def _need_int(d: dict, key: str) -> int:
+    """d[key], which arithmetic needs before validate() runs: raise naming it when it is not an integer."""
+    if not _is_int(d.get(key)):
+        raise TypeError(f"{key} must be an integer, got {d.get(key)!r}")
+    return d[key]

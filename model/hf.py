@@ -5,7 +5,9 @@ and every `MiniMaxSparseMoeBlock` for `moe_ops.SparseMoE`. The MoE block is call
 (`mlp(hidden_states) -> hidden_states`). The attention is called by `MiniMaxDecoderLayer` with keyword
 arguments (position embeddings, a 2D padding mask, the `MiniMaxCache`) and must return a pair, so the
 lightning layer is an `HFLightningAttention`, a subclass of ours that only adds that calling convention:
-parameter names, and so `state_dict()` and `save_pretrained`, stay exactly those of `transformers`.
+parameter names, and so `state_dict()` and `save_pretrained`, stay those of `transformers`, less the
+decay buffers it derives from the config (`slope_rate`, `query_decay`, ...): ours recomputes its rates, and a
+`transformers` state dict that holds them still loads (they are dropped on load).
 
 Cache: `MiniMaxCache.linear_cache[layer]` holds our fp32 state `[B, H, D, D]` (transformers keeps it
 in the activation dtype); `batch_select_indices` / `batch_repeat_interleave` work on it unchanged.
@@ -15,12 +17,33 @@ Not carried over: router-logit and attention-weight recording (`output_router_lo
 
 import torch
 
-from m1_kernels.lightning_ops import LightningAttention
+from m1_kernels.lightning_ops import LightningAttention, slopes
 from m1_kernels.moe_ops import SparseMoE
+
+from .checkpoint import HF_DERIVED_BUFFERS
 
 
 class HFLightningAttention(LightningAttention):
     """LightningAttention with the calling convention of `transformers`' MiniMaxLightningAttention."""
+
+    @classmethod
+    def from_hf(cls, hf_module, backend=None):
+        """The layer sharing the parameters of a `transformers` MiniMaxLightningAttention (no copies)."""
+        w = hf_module.qkv_proj.weight
+        ours = cls(hf_module.qkv_proj.in_features, hf_module.num_attention_heads, hf_module.head_dim,
+                   hf_module.layer_idx, hf_module.num_hidden_layers, norm_eps=hf_module.norm.variance_epsilon,
+                   backend=backend, device="meta", dtype=w.dtype)
+        ours.qkv_proj.weight = hf_module.qkv_proj.weight
+        ours.output_gate.weight = hf_module.output_gate.weight
+        ours.out_proj.weight = hf_module.out_proj.weight
+        ours.norm.weight = hf_module.norm.weight
+        ours.slope = slopes(ours.num_heads, ours.layer_idx, ours.num_layers, device=w.device)
+        return ours
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in HF_DERIVED_BUFFERS:      # a transformers state dict of the swapped model still loads
+            state_dict.pop(prefix + name, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
                 **kwargs):
@@ -54,6 +77,16 @@ class HFLightningAttention(LightningAttention):
         return out, state
 
 
+def sparse_moe_from_hf(hf_block, backend=None) -> SparseMoE:
+    """A SparseMoE sharing the parameters of a `transformers` MiniMaxSparseMoeBlock (no copies)."""
+    E, two_f, H = hf_block.experts.gate_up_proj.shape
+    module = SparseMoE(H, two_f // 2, E, hf_block.top_k, backend=backend, device="meta")
+    module.gate.weight = hf_block.gate.weight
+    module.experts.gate_up_proj = hf_block.experts.gate_up_proj
+    module.experts.down_proj = hf_block.experts.down_proj
+    return module
+
+
 def replace_hf_modules(hf_model, backend=None):
     """Swap the lightning-attention and MoE modules of a `transformers` MiniMaxForCausalLM (or MiniMaxModel)
     for ours, in place, sharing their parameters; returns the same model. `backend` picks the kernel
@@ -71,7 +104,7 @@ def replace_hf_modules(hf_model, backend=None):
             layer.self_attn = HFLightningAttention.from_hf(attn, backend=backend)
             replaced += 1
         if isinstance(layer.mlp, MiniMaxSparseMoeBlock):
-            layer.mlp = SparseMoE.from_hf(layer.mlp, backend=backend)
+            layer.mlp = sparse_moe_from_hf(layer.mlp, backend=backend)
             replaced += 1
     if not replaced:
         raise ValueError("found no MiniMaxLightningAttention or MiniMaxSparseMoeBlock to replace")

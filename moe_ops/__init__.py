@@ -1,7 +1,6 @@
 """Mixture-of-Experts ops: routing, permutation, grouped GEMM, weighted combine, the fused layer."""
 
-from .layer import SparseMoE, convert_per_expert_state_dict
+from .layer import SparseMoE
 from .ops import fused_moe, grouped_gemm, permute, route, unpermute
 
-__all__ = ["fused_moe", "grouped_gemm", "permute", "route", "unpermute", "SparseMoE",
-           "convert_per_expert_state_dict"]
+__all__ = ["fused_moe", "grouped_gemm", "permute", "route", "unpermute", "SparseMoE"]

@@ -118,3 +118,96 @@ def test_bad_inputs():
         M1Config.preset("gpt2")
     with pytest.raises(ValueError, match="hidden_size must be a positive integer"):
         M1Config(hidden_size=0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Nothing guessed, nothing converted
+
+REQUIRED = ["vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+            "num_local_experts", "num_experts_per_tok", "rms_norm_eps", "max_position_embeddings"]
+
+
+@pytest.mark.parametrize("spelling", ["original", "transformers"])
+@pytest.mark.parametrize("field", REQUIRED)
+def test_a_missing_shape_key_is_named_not_taken_from_the_released_model(spelling, field):
+    raw = M1Config.preset("tiny").to_dict(spelling)
+    del raw[field]
+    with pytest.raises(ValueError, match=f"config is missing \\['{field}'\\]"):
+        M1Config.from_pretrained(raw)
+
+
+def test_a_missing_rope_base_is_named():
+    raw = M1Config.preset("tiny").to_dict("original")
+    del raw["rope_theta"]
+    with pytest.raises(ValueError, match="missing the RoPE base: 'rope_theta'"):
+        M1Config.from_pretrained(raw)
+    raw = M1Config.preset("tiny").to_dict("transformers")
+    del raw["rope_parameters"]["rope_theta"]
+    with pytest.raises(ValueError, match="rope_parameters.rope_theta"):
+        M1Config.from_pretrained(raw)
+
+
+def test_defaulted_keys_take_what_both_implementations_take():
+    """head_dim = hidden // heads, the layer count from the layer list, residual factors 1 (the defaults of
+    transformers' MiniMaxConfig and of the release's remote code)."""
+    tiny = M1Config.preset("tiny-full-rotary")
+    raw = tiny.to_dict("transformers")
+    for key in ("head_dim", "num_hidden_layers", "mlp_alpha_factor", "full_attn_beta_factor"):
+        del raw[key]
+    c = M1Config.from_pretrained(raw)
+    assert c == tiny.replace(mlp_alpha=1.0, full_attn_beta=1.0)
+    assert c.head_dim == tiny.hidden_size // tiny.num_attention_heads
+
+
+@pytest.mark.parametrize("key, value, field", [
+    ("hidden_size", "64", "hidden_size"),
+    ("vocab_size", 128.0, "vocab_size"),
+    ("num_local_experts", True, "num_local_experts"),
+    ("num_hidden_layers", "4", "num_hidden_layers"),
+    ("head_dim", "16", "head_dim"),
+    ("rotary_dim", 8.0, "rotary_dim"),
+    ("rms_norm_eps", "1e-5", "rms_norm_eps"),
+    ("rope_theta", "1e7", "rope_theta"),
+    ("layernorm_mlp_alpha", "3.5", "mlp_alpha"),
+    ("tie_word_embeddings", "false", "tie_word_embeddings"),
+    ("tie_word_embeddings", 0, "tie_word_embeddings"),
+    ("lm_head_fp32", "true", "lm_head_fp32"),
+    ("postnorm", "true", "postnorm"),
+    ("shared_intermediate_size", "0", "shared_intermediate_size"),
+    ("attn_type_list", ["0", "0", "0", "1"], "attn_type_list"),
+    ("attn_type_list", "0001", "attn_type_list"),
+    ("eos_token_id", "2", "eos_token_id"),
+    ("bos_token_id", [1, "2"], "bos_token_id"),
+])
+def test_wrong_json_types_raise_type_error_naming_the_field(key, value, field):
+    """`"false"` used to be read as true, "64" failed deep inside the model, 128.0 built a float-sized layer."""
+    raw = {**M1Config.preset("tiny").to_dict("original"), key: value}
+    with pytest.raises(TypeError, match=field):
+        M1Config.from_pretrained(raw)
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda r: r["rope_parameters"].update(rope_theta="1e6"), "rope_theta"),
+    (lambda r: r["rope_parameters"].update(partial_rotary_factor="0.5"), "partial_rotary_factor"),
+    (lambda r: r.update(rope_parameters=[1e6]), "rope_parameters"),
+    (lambda r: r.update(layer_types="linear_attention"), "layer_types"),
+    (lambda r: r.update(linear_attn_beta_factor="1"), "linear_attn_beta"),
+])
+def test_wrong_json_types_in_the_transformers_spelling(edit, field):
+    raw = M1Config.preset("tiny").to_dict("transformers")
+    edit(raw)
+    with pytest.raises(TypeError, match=field):
+        M1Config.from_pretrained(raw)
+
+
+def test_direct_construction_checks_types_and_finiteness():
+    with pytest.raises(TypeError, match="tie_word_embeddings"):
+        M1Config(tie_word_embeddings="false")
+    with pytest.raises(TypeError, match="layer_types must be a list"):
+        M1Config.preset("tiny").replace(layer_types="linear_attention")
+    with pytest.raises(ValueError, match="mlp_beta must be finite"):
+        M1Config.preset("tiny").replace(mlp_beta=float("nan"))
+    with pytest.raises(ValueError, match="rope_theta must be positive and finite"):
+        M1Config.preset("tiny").replace(rope_theta=float("inf"))
+    with pytest.raises(ValueError, match="max_position_embeddings must be a positive integer"):
+        M1Config.preset("tiny").replace(max_position_embeddings=0)

@@ -5,11 +5,14 @@ import pytest
 import torch
 
 from m1_kernels.dispatch import backend_error
-from m1_kernels.moe_ops import SparseMoE, convert_per_expert_state_dict
+from m1_kernels.model.checkpoint import convert_per_expert_state_dict
+from m1_kernels.moe_ops import SparseMoE
 from numerics import DEVICE
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.minimax.modeling_minimax import MiniMaxSparseMoeBlock  # noqa: E402
+
+from m1_kernels.model.hf import sparse_moe_from_hf  # noqa: E402
 
 H, F, E, K = 32, 24, 6, 2
 
@@ -34,7 +37,7 @@ def _use(backend):
 def test_matches_transformers_block_with_shared_weights(backend):
     _use(backend)
     block = hf_block()
-    ours = SparseMoE.from_hf(block, backend=backend)
+    ours = sparse_moe_from_hf(block, backend=backend)
     assert ours.gate.weight is block.gate.weight and ours.experts.gate_up_proj is block.experts.gate_up_proj
     x = torch.randn(2, 5, H, device=DEVICE, requires_grad=True)
     out_hf = block(x)
