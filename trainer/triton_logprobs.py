@@ -1,0 +1,312 @@
+"""Triton kernels of fused_logprobs: chosen-token log-probabilities (and entropy) straight from hidden states and
+the LM head weight, with fp32-accurate logits and no [N, V] logits tensor.
+
+fp32-accurate logits from a 16-bit weight: a product of two bf16 (or two fp16) numbers is exact in fp32, and the
+tensor cores accumulate in fp32, so a 16-bit hidden state times the 16-bit weight gives the fp32 logits with no
+rounding beyond fp32 accumulation. An fp32 hidden state is split into two pieces of the weight's dtype,
+hi = round(h) and lo = round(h - hi), and multiplied twice (hi and lo together carry 16 (bf16) or 22 (fp16)
+significant bits of h, so the logits keep a relative error near 2^-17 in bf16 instead of 2^-9). An fp32 weight
+runs fp32 dots ("ieee").
+
+Forward (one launch, then a small combine in torch): program (row block, column group) computes logits tiles
+[BLOCK_N, BLOCK_V] over its COLUMNS_PER_PROGRAM columns, keeping an online max m, sum s = sum exp(z - m) and
+(for the entropy) t = sum exp(z - m) z per row, and picks the target's logit from the tile that holds it. The
+combine merges the column groups: lse = M + log(sum_g s_g e^(m_g - M)); log p = z_target - lse;
+entropy = lse - sum_g t_g e^(m_g - M) / sum_g s_g e^(m_g - M). Programs are ordered in groups of GROUP_N row
+blocks that walk the same weight columns together, so a weight tile read from memory serves GROUP_N blocks
+through L2.
+
+Backward (d/dz of log p_target = onehot - p; of the entropy H = lse - sum p z: -p (z - lse + H)): over column
+chunks of at most DZ_BUDGET_BYTES, a kernel recomputes the logits tiles and writes
+dz = g_logp (onehot - p) - g_entropy p (z - lse + H) in the weight's dtype; two GEMMs then add dz @ W_chunk to
+dh (fp32 accumulator) and write dW_chunk = dz^T @ h. Row blocks of at most DH_BUDGET_BYTES of fp32 accumulator
+bound the extra memory at large token counts; dW then accumulates over row blocks (fp32 sum, one rounding per
+block). The logits are computed twice (forward and backward): 8 N H V FLOPs in all, where 6 N H V is the
+usual count.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from m1_kernels.dispatch import autotune_prune, triton_interpreted
+from m1_kernels.interpreter_compat import patch_triton_interpreter
+
+INTERPRETED = triton_interpreted()
+if INTERPRETED:
+    patch_triton_interpreter()
+
+# Extra memory of the backward pass: the fp32 dh accumulator of one row block, the dz buffer of one chunk.
+DH_BUDGET_BYTES = 512 << 20
+DZ_BUDGET_BYTES = 256 << 20
+# Columns one forward program covers (the same for every config, so the partial buffers have one size).
+COLUMNS_PER_PROGRAM = 64 if INTERPRETED else 2048
+# Below this many multiply-adds a call takes microseconds: one config, no autotuning (the tests draw many shapes).
+TUNE_MIN_MACS = 1 << 32
+
+
+def _tile_configs(two_d_group):
+    if INTERPRETED:  # one small config: the interpreter runs every element
+        return [triton.Config(dict(BLOCK_N=16, BLOCK_V=32, BLOCK_K=16, GROUP=2), num_warps=4)]
+    big = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 4)]
+    return [triton.Config(dict(BLOCK_N=m, BLOCK_V=n, BLOCK_K=k, GROUP=two_d_group), num_warps=w, num_stages=s)
+            for m, n, k, w, s in big]
+
+
+def _prune_small(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    if args["N_BUCKET"] * args["K"] * args["V_TOTAL"] < TUNE_MIN_MACS:
+        return configs[-1:]
+    return configs
+
+
+@triton.jit
+def _grouped_pid(pid, num_a, num_b, GROUP: tl.constexpr):
+    """Program id -> (a, b) with GROUP consecutive a-blocks sharing each b-block (L2 reuse of the b operand)."""
+    per_group = GROUP * num_b
+    first = (pid // per_group) * GROUP
+    size = tl.minimum(num_a - first, GROUP)
+    return first + (pid % per_group) % size, (pid % per_group) // size
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, rows, cols, H, stride_hn, stride_wv, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 logits h[rows] @ w[cols]^T ([BLOCK_N, BLOCK_V]); rows and cols must be in bounds."""
+    ks = tl.arange(0, BLOCK_K)
+    h_ptrs = h_ptr + rows[:, None] * stride_hn + ks[None, :]
+    w_ptrs = w_ptr + cols[None, :] * stride_wv + ks[:, None]          # the W^T tile [BLOCK_K, BLOCK_V]
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k in range(0, tl.cdiv(H, BLOCK_K)):
+        if EVEN_K:
+            h = tl.load(h_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_ok = ks < H - k * BLOCK_K
+            h = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        if SPLIT:  # fp32 h, 16-bit w: h = hi + lo, each product exact in the fp32 accumulator
+            hi = h.to(w.dtype)
+            lo = (h - hi.to(tl.float32)).to(w.dtype)
+            acc = tl.dot(hi, w, acc)
+            acc = tl.dot(lo, w, acc)
+        else:
+            acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc
+
+
+@triton.autotune(configs=_tile_configs(8), key=["N_BUCKET", "K", "V_TOTAL", "SPLIT", "WITH_ENTROPY"],
+                 prune_configs_by={"early_config_prune": autotune_prune(_prune_small)}, cache_results=True)
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@triton.jit
+def _forward_kernel(h_ptr, w_ptr, tgt_ptr, part_m_ptr, part_s_ptr, part_t_ptr, zt_ptr, N, V_TOTAL, K,
+                    stride_hn, stride_wv, N_BUCKET, WITH_ENTROPY: tl.constexpr, SPLIT: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, COLUMNS: tl.constexpr, EVEN_K: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    """Partial (m, s, t) of rows block x COLUMNS columns into part_*[group, row]; the target logit into zt."""
+    V = V_TOTAL
+    num_groups = tl.cdiv(V, COLUMNS)
+    pid_n, pid_g = _grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_groups, GROUP)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows_in = rows % N                       # rows past N repeat valid ones: loads need no mask, results dropped
+    targets = tl.load(tgt_ptr + rows_in).to(tl.int32)
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    z_target = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    found = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    first_col = pid_g * COLUMNS
+    n_tiles = tl.cdiv(tl.minimum(V - first_col, COLUMNS), BLOCK_V)
+    for j in range(0, n_tiles):
+        cols = first_col + j * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_ok = cols < V
+        acc = _logits_tile(h_ptr, w_ptr, rows_in, cols % V, K, stride_hn, stride_wv, SPLIT, EVEN_K, DOT_PRECISION,
+                           BLOCK_N, BLOCK_V, BLOCK_K)
+        z = tl.where(col_ok[None, :], acc, float("-inf"))
+        new_m = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - new_m)
+        e = tl.exp(z - new_m[:, None])
+        s = s * alpha + tl.sum(e, axis=1)
+        if WITH_ENTROPY:
+            t = t * alpha + tl.sum(e * tl.where(col_ok[None, :], acc, 0.0), axis=1)
+        m = new_m
+        hit = cols[None, :] == targets[:, None]
+        z_target += tl.sum(tl.where(hit, acc, 0.0), axis=1)
+        found += tl.sum(hit.to(tl.int32), axis=1)
+    out = pid_g * N + rows
+    tl.store(part_m_ptr + out, m, mask=row_ok)
+    tl.store(part_s_ptr + out, s, mask=row_ok)
+    if WITH_ENTROPY:
+        tl.store(part_t_ptr + out, t, mask=row_ok)
+    tl.store(zt_ptr + rows, z_target, mask=row_ok & (found > 0))
+
+
+@triton.autotune(configs=_tile_configs(8), key=["N_BUCKET", "K", "V_TOTAL", "SPLIT", "WITH_ENTROPY_GRAD"],
+                 prune_configs_by={"early_config_prune": autotune_prune(_prune_small)}, cache_results=True)
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@triton.jit
+def _dlogits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, dz_ptr, N, V_TOTAL, K,
+                    col_start, cols_here, stride_hn, stride_wv, stride_dz, N_BUCKET,
+                    WITH_ENTROPY_GRAD: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                    GROUP: tl.constexpr):
+    """dz[:, 0:cols_here] for logits columns col_start + (0:cols_here), recomputed tile by tile."""
+    pid_n, pid_v = _grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(cols_here, BLOCK_V), GROUP)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    rows_in = rows % N
+    cols = col_start + local % cols_here
+    z = _logits_tile(h_ptr, w_ptr, rows_in, cols, K, stride_hn, stride_wv, SPLIT, EVEN_K, DOT_PRECISION,
+                     BLOCK_N, BLOCK_V, BLOCK_K)
+    lse = tl.load(lse_ptr + rows_in)
+    g = tl.load(g_logp_ptr + rows_in)
+    targets = tl.load(tgt_ptr + rows_in).to(tl.int32)
+    p = tl.exp(z - lse[:, None])
+    dz = tl.where(cols[None, :] == targets[:, None], g[:, None], 0.0) - p * g[:, None]
+    if WITH_ENTROPY_GRAD:
+        g_ent = tl.load(g_ent_ptr + rows_in)
+        ent = tl.load(ent_ptr + rows_in)
+        dz -= g_ent[:, None] * p * (z - lse[:, None] + ent[:, None])
+    ok = (rows < N)[:, None] & (local < cols_here)[None, :]
+    tl.store(dz_ptr + rows[:, None] * stride_dz + local[None, :], dz.to(dz_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.autotune(configs=_tile_configs(8), key=["N_BUCKET", "K", "V_TOTAL", "SPLIT_B", "ACCUMULATE"],
+                 prune_configs_by={"early_config_prune": autotune_prune(_prune_small)}, cache_results=True)
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@triton.jit
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, V_TOTAL, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
+                   stride_cn, N_BUCKET, ACCUMULATE: tl.constexpr, SPLIT_B: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    """c[M, V_TOTAL] (+)= a[M, K] @ b[K, V_TOTAL] with fp32 accumulation (BLOCK_N rows, BLOCK_V columns per
+    tile; names shared with the logits kernels so that one config list serves all three). SPLIT_B: b is fp32
+    and a 16-bit: b = hi + lo in a's dtype."""
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_N), tl.cdiv(V_TOTAL, BLOCK_V), GROUP)
+    rows = pid_m * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_n * BLOCK_V + tl.arange(0, BLOCK_V)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (rows % M)[:, None] * stride_am + ks[None, :] * stride_ak
+    b_ptrs = b_ptr + ks[:, None] * stride_bk + (cols % V_TOTAL)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = ks < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        if SPLIT_B:
+            hi = b.to(a.dtype)
+            lo = (b - hi.to(tl.float32)).to(a.dtype)
+            acc = tl.dot(a, hi, acc)
+            acc = tl.dot(a, lo, acc)
+        else:
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    ok = (rows < M)[:, None] & (cols < V_TOTAL)[None, :]
+    c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers (inputs validated by trainer.logprobs: 2-D, unit last stride, hidden fp32 or the weight's dtype)
+
+def _bucket(n):
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _split(hidden, weight):
+    return hidden.dtype == torch.float32 and weight.dtype != torch.float32
+
+
+def _grid_2d(rows, cols):
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]) * triton.cdiv(cols, meta["BLOCK_V"]),)
+
+
+def forward(hidden, weight, targets, with_entropy):
+    """(log p [N], entropy [N] or [0], lse [N]), all fp32."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    device = hidden.device
+    groups = triton.cdiv(V, COLUMNS_PER_PROGRAM)
+    part_m = torch.empty(groups, N, dtype=torch.float32, device=device)
+    part_s = torch.empty_like(part_m)
+    part_t = torch.empty_like(part_m) if with_entropy else part_m      # unused without entropy
+    # A target outside [0, V) matches no column: its log-prob stays NaN instead of a plausible number.
+    z_target = torch.full((N,), float("nan"), dtype=torch.float32, device=device)
+    if N == 0:
+        return z_target, z_target.new_empty(N if with_entropy else 0), z_target.clone()
+    _forward_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * groups,)](
+        hidden, weight, targets, part_m, part_s, part_t, z_target, N, V, H, hidden.stride(0), weight.stride(0),
+        _bucket(N), WITH_ENTROPY=with_entropy, SPLIT=_split(hidden, weight),
+        DOT_PRECISION=_precision(weight.dtype), COLUMNS=COLUMNS_PER_PROGRAM)
+    top = part_m.max(dim=0).values
+    scale = torch.exp(part_m - top)
+    total = (part_s * scale).sum(dim=0)
+    lse = top + torch.log(total)
+    entropy = lse - (part_t * scale).sum(dim=0) / total if with_entropy else lse.new_empty(0)
+    return z_target - lse, entropy, lse
+
+
+def _matmul(a, b, c, accumulate):
+    M, K = a.shape
+    Nc = b.shape[1]
+    _matmul_kernel[_grid_2d(M, Nc)](
+        a, b, c, M, Nc, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), _bucket(M),
+        ACCUMULATE=accumulate, SPLIT_B=b.dtype == torch.float32 and a.dtype != torch.float32,
+        DOT_PRECISION=_precision(a.dtype))
+
+
+def backward(grad_logp, grad_entropy, hidden, weight, targets, lse, entropy, need_dh, need_dw):
+    """(dh or None, dW or None): gradients of sum(grad_logp * log p + grad_entropy * entropy); grad_entropy may be
+    None (no entropy term)."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    device = hidden.device
+    dh = torch.zeros_like(hidden) if need_dh and hidden.dtype == torch.float32 else None
+    dh_out = torch.empty_like(hidden) if need_dh and dh is None else dh
+    dw = torch.empty_like(weight) if need_dw else None
+    if N == 0:
+        if dw is not None:
+            dw.zero_()
+        return dh_out, dw
+    with_ent = grad_entropy is not None
+    dz_dtype = weight.dtype
+    # Rows per block: an fp32 hidden accumulates into its own gradient; a 16-bit one into an fp32 block buffer.
+    rows_per_block = N if dh is not None or not need_dh else max(128, DH_BUDGET_BYTES // (H * 4))
+    for r0 in range(0, N, rows_per_block):
+        r1 = min(N, r0 + rows_per_block)
+        n = r1 - r0
+        h_rows = hidden[r0:r1]
+        acc = None
+        if need_dh:
+            acc = dh[r0:r1] if dh is not None else torch.zeros(n, H, dtype=torch.float32, device=device)
+        chunk = max(256, min(V, DZ_BUDGET_BYTES // (n * dz_dtype.itemsize)) // 256 * 256)
+        dz = torch.empty(n, min(chunk, V), dtype=dz_dtype, device=device)
+        for c0 in range(0, V, chunk):
+            cols = min(chunk, V - c0)
+            _dlogits_kernel[_grid_2d(n, cols)](
+                h_rows, weight, targets[r0:r1], lse[r0:r1], entropy[r0:r1] if with_ent else lse,
+                grad_logp[r0:r1], grad_entropy[r0:r1] if with_ent else grad_logp, dz, n, V, H, c0, cols,
+                h_rows.stride(0), weight.stride(0), dz.stride(0), _bucket(n), WITH_ENTROPY_GRAD=with_ent,
+                SPLIT=_split(hidden, weight), DOT_PRECISION=_precision(weight.dtype))
+            dz_c = dz[:, :cols]
+            if need_dh:
+                _matmul(dz_c, weight[c0:c0 + cols], acc, accumulate=True)
+            if need_dw:
+                _matmul(dz_c.t(), h_rows, dw[c0:c0 + cols], accumulate=r0 > 0)
+        if need_dh and dh is None:
+            dh_out[r0:r1] = acc
+    return dh_out, dw
