@@ -153,8 +153,9 @@ setup(
     python_requires=">=3.10",
     packages=_packages(),
     package_dir=PACKAGE_DIR,
-    # numpy: the Triton interpreter (CPU paths) fails without it; safetensors: model checkpoints.
-    install_requires=["torch>=2.6", "triton>=3.2; platform_system=='Linux'", "numpy", "safetensors"],
+    # numpy: the Triton interpreter (CPU paths) fails without it; safetensors: model checkpoints;
+    # tqdm: the engine's progress bar (on by default at a terminal).
+    install_requires=["torch>=2.6", "triton>=3.2; platform_system=='Linux'", "numpy", "safetensors", "tqdm"],
     extras_require={
         "hf": ["transformers>=5"],                       # replace_hf_modules, the equivalence tests
         # plots, `pytest bench --benchmark-only`, and flash-linear-attention's kernels as a peer (GPU)

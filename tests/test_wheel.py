@@ -22,6 +22,9 @@ from pathlib import Path
 
 import pytest
 
+# One worker builds the wheel once for all tests here (pytest-xdist --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("wheel")
+
 ROOT = Path(__file__).resolve().parents[1]
 DIST = "minimax-m1-kernels"
 PUBLIC_PACKAGES = ["m1_kernels", "m1_kernels.dispatch", "m1_kernels.lightning_ops", "m1_kernels.moe_ops",

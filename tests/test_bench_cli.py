@@ -1,0 +1,38 @@
+"""`python -m m1_kernels.bench` on a CPU: where results go, and --only that matches nothing."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from m1_kernels.bench.__main__ import default_out, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_only_matching_nothing_lists_the_cases_and_fails(capsys):
+    assert main(["--only", "no case is called this", "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert "no case matches --only no case is called this" in err
+    assert "lightning decode: decode B" in err  # the available cases, as 'group: name'
+
+
+def test_cpu_results_go_to_an_ignored_folder():
+    out = Path(default_out(torch.device("cpu")))
+    assert out == ROOT / "bench" / "results-cpu"
+    assert Path(default_out(torch.device("cuda"))) == ROOT / "bench" / "results"
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(out / "cpu-x86_64.json")], cwd=ROOT)
+    assert ignored.returncode == 0, "bench/results-cpu/ must be ignored by git"
+
+
+def test_cpu_run_writes_its_rows(tmp_path):
+    assert main(["--only", "lightning decode", "--out", str(tmp_path), "--no-plots"]) == 0
+    (path,) = tmp_path.glob("*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert rows and all(r["group"] == "lightning decode" for r in rows)
+    assert all(r["median_ms"] > 0 for r in rows if "error" not in r)
+    assert any(r["ours"] and "error" not in r for r in rows)
