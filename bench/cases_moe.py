@@ -1,6 +1,7 @@
-"""MoE cases at MiniMax-M1 shapes (E32 top-2, H6144, F9216, bf16): the expert GEMM pair + SwiGLU alone
-and the whole fused_moe, forward and forward+backward, 64 to 32768 tokens, uniform and skewed routing,
-plus the tensor-parallel shard (F 1152) and the expert-parallel shard (4 local experts).
+"""MoE cases at MiniMax-M1 shapes (M1Config.preset("minimax-m1"): E32 top-2, H6144, F9216, bf16): the
+expert GEMM pair + SwiGLU alone and the whole fused_moe, forward and forward+backward, 64 to 32768
+tokens, uniform and skewed routing, plus the tensor-parallel shard (F / 8) and the expert-parallel shard
+(E / 8 local experts); and the few-token forward of decode (1 to 64 tokens, inference).
 
 Peers: the torch._grouped_mm pipeline (our "torch" backend on CUDA bf16: softmax top-k router, torch
 sort, torch._grouped_mm for both GEMMs, PyTorch SwiGLU, weighted combine) and, at small token counts,
@@ -9,18 +10,27 @@ the per-expert loop of reference/moe.py.
 Floors: FLOPs = 6 M H F for the GEMM pair (M = tokens * top_k; 3x that forward+backward) against the
 measured matmul rate, and bytes = the active experts' weights read once (plus x and y) against the
 measured copy bandwidth; the harness takes the larger, so large token counts are judged on FLOPs and
-decode on the weight read.
+decode on the weight read. The few-token cases are judged on the weight read alone: bytes = the
+distinct experts chosen by the case's own inputs (routed on the device, as the kernels route them) times
+3 H F weights, plus x and out, over the copy bandwidth; they are timed as CUDA-graph replays, as the
+engine's decode step runs them.
 """
 
 import torch
 
-from m1_kernels.dispatch import available_backends
-from m1_kernels.moe_ops import ops, torch_backend
+from m1_kernels.model.config import M1Config
+from m1_kernels.moe_ops import backends, ops, torch_backend
 from m1_kernels.reference import moe as RM
 
 from .harness import Case
 
-M1 = dict(E=32, top_k=2, H=6144, F=9216)
+TP_RANKS = EP_RANKS = 8  # the shards timed: F split over 8 tensor-parallel ranks, E over 8 expert-parallel
+
+
+def m1_moe_shape(preset="minimax-m1"):
+    """E, top_k, H, F of a model preset's MoE layers."""
+    c = M1Config.preset(preset)
+    return dict(E=c.num_local_experts, top_k=c.num_experts_per_tok, H=c.hidden_size, F=c.intermediate_size)
 
 
 def _problem(tokens, E, H, F, routing, device, dtype, seed=0):
@@ -51,7 +61,7 @@ def _name(what, tokens, E, top_k, H, F, routing, backward):
 def _kernel_backends(device):
     if device.type != "cuda":  # the Triton interpreter is for tests, not for timing
         return []
-    return [b for b in available_backends(ops.FUSED_MOE_BACKENDS, device) if b != "torch"]
+    return [row.name for row in backends.OP_BACKENDS["fused_moe"] if row.custom_ops and row.device_error(device) is None]
 
 
 def _runner(fn, backward):
@@ -83,9 +93,7 @@ def gemm_pair_case(device, tokens, E, top_k, H, F, routing="uniform", backward=F
         return torch_backend.grouped_gemm(h, down, off, "nk")
 
     def loop_pair(i):
-        x, gate_up, down, off = i[:4]
-        b = off.tolist()
-        return torch.cat([RM.expert(x[b[e]:b[e + 1]], gate_up[e], down[e]) for e in range(E)])
+        return RM.expert_mlp(*i[:4])
 
     impls = {f"ours[{b}]": _runner(lambda i, b=b: ops._expert_mlp(i[0], i[1], i[2], i[3], backward, b)[0],
                                    backward)
@@ -132,23 +140,59 @@ def fused_case(device, tokens, E, top_k, H, F, routing="uniform", backward=False
                                         backward=backward, active_experts=active))
 
 
+def few_token_case(device, tokens, E, top_k, H, F, dtype=torch.bfloat16, seed=0):
+    """fused_moe's forward at decode sizes (no gradient): on the triton backend the few-token kernels."""
+    x_cpu, gate_cpu, _, _ = _problem(tokens, E, H, 1, "uniform", "cpu", dtype, seed)
+    x_dev, gate_dev = x_cpu.to(device=device, dtype=dtype), gate_cpu.to(device=device, dtype=dtype)
+    _, ids = ops.route(x_dev, gate_dev, top_k)
+    chosen = int(torch.unique(ids).numel())
+
+    def make():
+        _, _, gate_up, down = _problem(0, E, H, F, "uniform", device, dtype, seed)
+        return x_dev, gate_dev, gate_up, down
+
+    def fused(backend):
+        def call(i):
+            with torch.no_grad():
+                return ops.fused_moe(*i, top_k, backend=backend)
+        return call
+
+    def grouped_path(i):  # the triton backend's route -> permute -> grouped GEMMs -> combine, for comparison
+        x, gate, gate_up, down = i
+        weights, ids_ = ops._route(x, gate, top_k, True, "triton")
+        x_sorted, sorted_idx, offsets = ops._permute(x, ids_, E, "triton")
+        y_sorted = ops._expert_mlp(x_sorted, gate_up, down, offsets, False, "triton")[0]
+        return ops._unpermute(y_sorted, sorted_idx, weights, top_k, "triton")
+
+    impls = {f"ours[{b}]": fused(b) for b in _kernel_backends(device)}
+    if "ours[triton]" in impls:
+        impls["ours[triton] grouped GEMM path"] = grouped_path
+    impls["torch._grouped_mm pipeline"] = fused("torch")
+    elem = torch.finfo(dtype).bits // 8
+    return Case("moe few-token", f"fused_moe few-token E{E} top{top_k} H{H} F{F} T{tokens}", make, impls,
+                bytes=chosen * 3 * H * F * elem + 2 * tokens * H * elem, flops=6.0 * tokens * top_k * H * F,
+                max_sets=1, cuda_graph=True,
+                params=dict(tokens=tokens, E=E, top_k=top_k, H=H, F=F, chosen_experts=chosen))
+
+
 def cases(device):
     if device.type != "cuda":  # the CPU paths at a toy shape (the interpreter is for tests, not timing)
         toy = dict(E=8, top_k=2, H=64, F=128)
         return [fused_case(device, 64, **toy, dtype=torch.float32, loop_peer=True),
                 fused_case(device, 64, **toy, dtype=torch.float32, backward=True)]
-    out = []
+    m1 = m1_moe_shape()
+    tp = dict(m1, F=m1["F"] // TP_RANKS)
+    ep = dict(m1, E=m1["E"] // EP_RANKS)
+    out = [few_token_case(device, tokens, **m1) for tokens in (1, 8, 32, 64)]
     for tokens in (64, 1024, 8192, 32768):
-        out.append(gemm_pair_case(device, tokens, **M1, loop_peer=tokens <= 1024))
-    out += [gemm_pair_case(device, t, **M1, routing="skewed") for t in (64, 8192)]
-    out += [gemm_pair_case(device, 8192, **dict(M1, F=1152)),           # tensor-parallel shard (8 ranks)
-            gemm_pair_case(device, 8192, **dict(M1, E=4))]              # expert-parallel shard (4 local)
-    out += [gemm_pair_case(device, 8192, **M1, backward=True)]
+        out.append(gemm_pair_case(device, tokens, **m1, loop_peer=tokens <= 1024))
+    out += [gemm_pair_case(device, t, **m1, routing="skewed") for t in (64, 8192)]
+    out += [gemm_pair_case(device, 8192, **tp), gemm_pair_case(device, 8192, **ep)]
+    out += [gemm_pair_case(device, 8192, **m1, backward=True)]
     for tokens in (64, 1024, 8192, 32768):
-        out.append(fused_case(device, tokens, **M1, loop_peer=tokens <= 1024))
-    out += [fused_case(device, 8192, **M1, routing="skewed"),
-            fused_case(device, 8192, **dict(M1, F=1152)),
-            fused_case(device, 8192, **dict(M1, E=4))]
-    out += [fused_case(device, t, **M1, backward=True) for t in (1024, 8192)]
-    out += [fused_case(device, 8192, **dict(M1, F=1152), backward=True)]
+        out.append(fused_case(device, tokens, **m1, loop_peer=tokens <= 1024))
+    out += [fused_case(device, 8192, **m1, routing="skewed"), fused_case(device, 8192, **tp),
+            fused_case(device, 8192, **ep)]
+    out += [fused_case(device, t, **m1, backward=True) for t in (1024, 8192)]
+    out += [fused_case(device, 8192, **tp, backward=True)]
     return out

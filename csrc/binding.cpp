@@ -50,6 +50,7 @@ PYBIND11_MODULE(_cuda, m) {
       .value("auto", m1::GroupedGemmTile::kAuto)
       .value("large", m1::GroupedGemmTile::kLarge)
       .value("small", m1::GroupedGemmTile::kSmall);
+  m.attr("GROUPED_GEMM_SMALL_TILE_MAX_ROWS_PER_EXPERT") = m1::kGroupedGemmSmallTileMaxRowsPerExpert;
 
   m.def("device_count", &device_count, "CUDA devices visible to the statically linked runtime");
 

@@ -25,8 +25,6 @@ namespace {
 using grouped_detail::Kernel;
 using grouped_detail::Launch;
 
-constexpr int64_t kSmallTileMaxRowsPerGroup = 128;
-
 int sm_count(int device) {
   static std::mutex mutex;
   static std::vector<int> cache;
@@ -181,7 +179,8 @@ void grouped_gemm(const GroupedGemmArgs& a) {
   } else if (!a.weight_k_major) {
     kernel = Kernel::kKnLarge;  // layout "kn" (and the dX of "nk") ships one tile
   } else if (a.tile == static_cast<int>(GroupedGemmTile::kAuto)) {
-    kernel = a.num_rows <= kSmallTileMaxRowsPerGroup * a.num_experts ? Kernel::kNkSmall : Kernel::kNkLarge;
+    kernel = a.num_rows <= kGroupedGemmSmallTileMaxRowsPerExpert * a.num_experts ? Kernel::kNkSmall
+                                                                                 : Kernel::kNkLarge;
   } else if (a.tile == static_cast<int>(GroupedGemmTile::kSmall)) {
     kernel = Kernel::kNkSmall;
   } else if (a.tile == static_cast<int>(GroupedGemmTile::kLarge)) {

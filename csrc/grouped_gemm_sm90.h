@@ -13,6 +13,10 @@ enum class GroupedGemmTile : int {
   kSmall = 1,   // ping-pong 64x128x128, no cluster: decode sized groups (weight streaming)
 };
 
+// kAuto takes the small tile up to this many rows per expert on average (exported to Python by the
+// binding as GROUPED_GEMM_SMALL_TILE_MAX_ROWS_PER_EXPERT).
+constexpr int64_t kGroupedGemmSmallTileMaxRowsPerExpert = 128;
+
 // Y[r] = X[r] @ W_e^T (weight_k_major: W_e is [N, K], layout "nk") or X[r] @ W_e (W_e is [K, N],
 // layout "kn") for every row r in offsets[e] <= r < offsets[e+1]. With `gate` (a contiguous
 // [num_rows, N] tensor, layout "nk" only, large tile) the result is silu(gate[r]) * (X[r] @ W_e^T): the

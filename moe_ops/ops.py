@@ -6,14 +6,14 @@
     out = unpermute(y_sorted, sorted_idx, weights)               weighted combine, deterministic
     out = fused_moe(x, gate_weight, gate_up_proj, down_proj, top_k)
 
-Kernel backends (triton_backend; a "cuda" module with the same grouped-GEMM functions plugs in through
-_KERNEL_MODULES) run inside torch.library custom ops with fake tensors and autograd formulas; the
-torch backend is plain differentiable PyTorch and is called directly. Offsets stay on the device: on
-CUDA tensors no op reads a value back to the host (expert ids and offsets are checked on CPU tensors
-only), so a whole MoE forward captures in a CUDA graph.
+The backends and what each takes are declared once, in moe_ops/backends.py. Kernel backends run inside
+the torch.library custom ops below (fake tensors, registered autograd, opcheck); the torch backend is
+plain differentiable PyTorch and runs the op bodies directly (`_run` decides). Offsets stay on the
+device: on CUDA tensors no op reads a value back to the host (expert ids and offsets are checked on CPU
+tensors only), so a whole MoE forward captures in a CUDA graph.
 """
 
-import importlib
+from collections import Counter
 from typing import Optional
 
 import torch
@@ -21,28 +21,50 @@ import torch
 from m1_kernels.dispatch import resolve_backend
 from m1_kernels.validate import FLOAT_DTYPES, check_shape, check_tensor
 
-from . import torch_backend
-
-# Backends per op, fastest first (see bench/NOTES.md, "MoE (Triton)").
-ROUTE_BACKENDS = ("triton", "torch")
-PERMUTE_BACKENDS = ("triton", "torch")
-GROUPED_GEMM_BACKENDS = ("triton", "cuda", "torch")
-UNPERMUTE_BACKENDS = ("triton", "torch")
-FUSED_MOE_BACKENDS = ("triton", "cuda", "torch")
+from .backends import BACKENDS, MAX_EXPERTS, MAX_TOP_K, OP_BACKENDS
 
 WEIGHT_LAYOUTS = ("nk", "kn")
-MAX_EXPERTS, MAX_TOP_K = 256, 8
 
-_KERNEL_MODULES = {"triton": "m1_kernels.moe_ops.triton_backend", "cuda": "m1_kernels.moe_ops.cuda_backend"}
+_BY_NAME = {b.name: b for b in BACKENDS}
 
 
-def _impl(backend: str):
-    """A kernel backend's module, imported on first use (only inside the custom ops, never traced)."""
-    return importlib.import_module(_KERNEL_MODULES[backend])
+def _impl(backend: str, part: Optional[str] = None):
+    """The module that runs `part` of `backend`: its own, unless the table says it borrows that part."""
+    row = _BY_NAME[backend]
+    return _BY_NAME[row.borrows.get(part, row.name)].impl
+
+
+def _run(row, custom_op, body, *args):
+    """Kernel backends run inside the op's torch.library custom op; plain-PyTorch backends run its body
+    directly (autograd and torch.compile trace through them)."""
+    return (custom_op if row.custom_ops else body)(*args, row.name)
 
 
 def _flip(layout: str) -> str:
     return "kn" if layout == "nk" else "nk"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Op bodies: validated tensors and a resolved backend name in, the backend's function called.
+
+def _route_body(x, gate_weight, top_k, renormalize, backend):
+    return _impl(backend, "route").route(x, gate_weight, top_k, renormalize)
+
+
+def _permute_body(x, expert_ids, num_experts, backend):
+    return _impl(backend, "permute").permute(x, expert_ids, num_experts)
+
+
+def _unpermute_body(y_sorted, sorted_idx, weights, top_k, backend):
+    return _impl(backend, "unpermute").unpermute(y_sorted, sorted_idx, weights, top_k)
+
+
+def _grouped_gemm_body(x, weight, offsets, weight_layout, backend):
+    return _impl(backend).grouped_gemm(x, weight, offsets, weight_layout)
+
+
+def _fused_moe_body(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend):
+    return _impl(backend).fused_moe(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -51,7 +73,7 @@ def _flip(layout: str) -> str:
 @torch.library.custom_op("m1_ops::moe_route", mutates_args=())
 def _route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool,
            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _impl(backend).route(x, gate_weight, top_k, renormalize)
+    return _route_body(x, gate_weight, top_k, renormalize, backend)
 
 
 @_route.register_fake
@@ -90,7 +112,7 @@ _route.register_autograd(_route_backward, setup_context=_route_setup_context)
 @torch.library.custom_op("m1_ops::moe_permute", mutates_args=())
 def _permute(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int,
              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _impl(backend).permute(x, expert_ids, num_experts)
+    return _permute_body(x, expert_ids, num_experts, backend)
 
 
 @_permute.register_fake
@@ -117,7 +139,7 @@ _permute.register_autograd(_permute_backward, setup_context=_permute_setup_conte
 @torch.library.custom_op("m1_ops::moe_unpermute", mutates_args=())
 def _unpermute(y_sorted: torch.Tensor, sorted_idx: torch.Tensor, weights: Optional[torch.Tensor], top_k: int,
                backend: str) -> torch.Tensor:
-    return _impl(backend).unpermute(y_sorted, sorted_idx, weights, top_k)
+    return _unpermute_body(y_sorted, sorted_idx, weights, top_k, backend)
 
 
 @_unpermute.register_fake
@@ -128,7 +150,7 @@ def _(y_sorted, sorted_idx, weights, top_k, backend):
 @torch.library.custom_op("m1_ops::moe_unpermute_bwd", mutates_args=())
 def _unpermute_bwd(dout: torch.Tensor, y_sorted: torch.Tensor, sorted_idx: torch.Tensor, weights: torch.Tensor,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _impl(backend).unpermute_backward(dout, y_sorted, sorted_idx, weights)
+    return _impl(backend, "unpermute").unpermute_backward(dout, y_sorted, sorted_idx, weights)
 
 
 @_unpermute_bwd.register_fake
@@ -159,7 +181,7 @@ _unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup
 @torch.library.custom_op("m1_ops::moe_grouped_gemm", mutates_args=())
 def _grouped_gemm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, weight_layout: str,
                   backend: str) -> torch.Tensor:
-    return _impl(backend).grouped_gemm(x, weight, offsets, weight_layout)
+    return _grouped_gemm_body(x, weight, offsets, weight_layout, backend)
 
 
 @_grouped_gemm.register_fake
@@ -249,6 +271,36 @@ def _mlp_backward(ctx, dy, _dh, _dpreact):
 _expert_mlp.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
 
 
+
+@torch.library.custom_op("m1_ops::moe_few_token", mutates_args=())
+def _few_token(x: torch.Tensor, gate_weight: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+               top_k: int, renormalize: bool, backend: str) -> torch.Tensor:
+    """The whole layer's forward for few tokens (inference: no autograd formula; fused_moe calls it only
+    when no gradient is needed)."""
+    return _impl(backend).few_token_moe(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize)
+
+
+@_few_token.register_fake
+def _(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend):
+    return torch.empty_like(x)
+
+
+def _fused_moe_kernels(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend):
+    """fused_moe on a kernel backend, as a chain of custom ops: the few-token forward where the backend
+    has one and the call fits it (few tokens, no gradient), else route, permute, the expert MLP as two
+    grouped GEMMs, the weighted combine."""
+    impl = _impl(backend)
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, gate_weight, gate_up_proj, down_proj))
+    if not needs_grad and hasattr(impl, "few_token_moe") and impl.few_token_fits(x.shape[0], top_k):
+        return _few_token(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend)
+    weights, ids = _route(x, gate_weight, top_k, renormalize, backend)
+    x_sorted, sorted_idx, offsets = _permute(x, ids, gate_weight.shape[0], backend)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up_proj, down_proj))
+    y_sorted, _, _ = _expert_mlp(x_sorted, gate_up_proj, down_proj, offsets, save, backend)
+    return _unpermute(y_sorted, sorted_idx, weights, top_k, backend)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Checks
 
@@ -289,7 +341,7 @@ def _check_expert_ids(expert_ids, N, num_experts, device):
 
 def _check_offsets(offsets, E, M, device):
     check_tensor("offsets", offsets, ndim=1, dtypes=(torch.int32,), device=device, contiguous=True)
-    check_shape("offsets", offsets, (E + 1,), " ([E + 1], one boundary per expert and the end)")
+    check_shape("offsets", offsets, (E + 1,), f" ([E + 1], one boundary per expert of weight ({E}) and the end)")
     if offsets.device.type == "cpu":
         values = offsets.tolist()
         if values[0] != 0 or values[-1] != M or any(b < a for a, b in zip(values[:-1], values[1:])):
@@ -300,6 +352,45 @@ def _check_weight(name, weight, x):
     check_tensor(name, weight, ndim=3, dtypes=(x.dtype,), device=x.device)
     if weight.shape[0] == 0:
         raise ValueError(f"{name} must hold at least one expert, got shape {tuple(weight.shape)}")
+
+
+def _check_expert_weights(gate_up_proj, down_proj, x, E):
+    """gate_up_proj [E, 2F, H] and down_proj [E, H, F]: each checked against E (gate_weight) and H (x)
+    first, so that a wrong tensor is the one named; then the F they share."""
+    H = x.shape[1]
+    _check_weight("gate_up_proj", gate_up_proj, x)
+    _check_weight("down_proj", down_proj, x)
+    E_gu, two_f, H_gu = gate_up_proj.shape
+    if E_gu != E or H_gu != H or two_f == 0 or two_f % 2:
+        raise ValueError(f"gate_up_proj must have shape [E, 2F, H] = [{E}, 2F, {H}] (E experts of gate_weight, "
+                         f"H of x, gate rows first so 2F is even), got {tuple(gate_up_proj.shape)}")
+    F = two_f // 2
+    if down_proj.shape[0] != E or down_proj.shape[1] != H:
+        transposed = " (transposed? down_proj is stored [E, H, F])" if tuple(down_proj.shape) == (E, F, H) else ""
+        raise ValueError(f"down_proj must have shape [E, H, F] = [{E}, {H}, F] (E experts of gate_weight, H of x), "
+                         f"got {tuple(down_proj.shape)}{transposed}")
+    if down_proj.shape[2] != F:
+        raise ValueError(f"gate_up_proj and down_proj disagree on the expert FFN size F: gate_up_proj "
+                         f"{tuple(gate_up_proj.shape)} has 2F = {two_f}, down_proj {tuple(down_proj.shape)} has "
+                         f"F = {down_proj.shape[2]}")
+    return F
+
+
+def _check_combine_rows(y_sorted, sorted_idx, weights):
+    """unpermute's three inputs must agree on N * k; when two agree, the third is the one named."""
+    N, k = weights.shape
+    rows = {"y_sorted": y_sorted.shape[0], "sorted_idx": sorted_idx.shape[0], "weights": N * k}
+    if len(set(rows.values())) == 1:
+        return
+    agreed = [value for value, count in Counter(rows.values()).items() if count == 2]
+    described = (f"y_sorted has {rows['y_sorted']} rows, sorted_idx {rows['sorted_idx']} entries, "
+                 f"weights {tuple(weights.shape)} = [N, k]")
+    if not agreed:
+        raise ValueError(f"y_sorted, sorted_idx and weights must agree on N * k: {described}")
+    odd = next(name for name, value in rows.items() if value != agreed[0])
+    what = {"y_sorted": f"N * k = {agreed[0]} rows", "sorted_idx": f"N * k = {agreed[0]} entries",
+            "weights": f"shape [N, k] with N * k = {agreed[0]}"}[odd]
+    raise ValueError(f"{odd} must have {what} like the other two inputs ({described})")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -318,10 +409,8 @@ def route(x, gate_weight, top_k, *, renormalize=True, backend=None):
     """
     _check_x("x", x)
     _check_gate(gate_weight, x, top_k)
-    backend = resolve_backend("route", backend, ROUTE_BACKENDS, x.device)
-    if backend == "torch":
-        return torch_backend.route(x, gate_weight, top_k, bool(renormalize))
-    return _route(x, gate_weight, top_k, bool(renormalize), backend)
+    row = resolve_backend("route", backend, OP_BACKENDS["route"], x.device)
+    return _run(row, _route, _route_body, x, gate_weight, top_k, bool(renormalize))
 
 
 def permute(x, expert_ids, num_experts, *, backend=None):
@@ -338,10 +427,8 @@ def permute(x, expert_ids, num_experts, *, backend=None):
     _check_x("x", x)
     _check_int("num_experts", num_experts, 1, MAX_EXPERTS)
     _check_expert_ids(expert_ids, x.shape[0], num_experts, x.device)
-    backend = resolve_backend("permute", backend, PERMUTE_BACKENDS, x.device)
-    if backend == "torch":
-        return torch_backend.permute(x, expert_ids, num_experts)
-    return _permute(x, expert_ids, num_experts, backend)
+    row = resolve_backend("permute", backend, OP_BACKENDS["permute"], x.device)
+    return _run(row, _permute, _permute_body, x, expert_ids, num_experts)
 
 
 def grouped_gemm(x, weight, offsets, *, weight_layout="nk", backend=None):
@@ -359,15 +446,15 @@ def grouped_gemm(x, weight, offsets, *, weight_layout="nk", backend=None):
     _check_weight("weight", weight, x)
     if weight_layout not in WEIGHT_LAYOUTS:
         raise ValueError(f"weight_layout must be one of {WEIGHT_LAYOUTS}, got {weight_layout!r}")
-    K = weight.shape[2] if weight_layout == "nk" else weight.shape[1]
+    K, N = weight.shape[2:0:-1] if weight_layout == "nk" else weight.shape[1:]
     if K != x.shape[1]:
-        raise ValueError(f"weight {tuple(weight.shape)} (layout {weight_layout!r}) does not match x's "
+        raise ValueError(f"weight {tuple(weight.shape)} (layout {weight_layout!r}: "
+                         f"{'[E, N, K]' if weight_layout == 'nk' else '[E, K, N]'}) has K = {K} but x has "
                          f"{x.shape[1]} columns")
     _check_offsets(offsets, weight.shape[0], x.shape[0], x.device)
-    backend = resolve_backend("grouped_gemm", backend, GROUPED_GEMM_BACKENDS, x.device)
-    if backend == "torch":
-        return torch_backend.grouped_gemm(x, weight, offsets, weight_layout)
-    return _grouped_gemm(x, weight, offsets, weight_layout, backend)
+    row = resolve_backend("grouped_gemm", backend, OP_BACKENDS["grouped_gemm"], x.device, dtype=x.dtype,
+                          gemm_sizes={"N (output columns)": N, "K (x.shape[1])": K})
+    return _run(row, _grouped_gemm, _grouped_gemm_body, x, weight, offsets, weight_layout)
 
 
 def unpermute(y_sorted, sorted_idx, weights, *, backend=None):
@@ -382,19 +469,16 @@ def unpermute(y_sorted, sorted_idx, weights, *, backend=None):
         out [N, H] in y_sorted's dtype. Differentiable in y_sorted and weights.
     """
     _check_x("y_sorted", y_sorted)
+    check_tensor("sorted_idx", sorted_idx, ndim=1, dtypes=(torch.int32,), device=y_sorted.device, contiguous=True)
     check_tensor("weights", weights, ndim=2, dtypes=(torch.float32,), device=y_sorted.device, contiguous=True)
     N, k = weights.shape
     _check_int("weights.shape[1] (top_k)", k, 1, MAX_TOP_K)
-    check_tensor("sorted_idx", sorted_idx, ndim=1, dtypes=(torch.int32,), device=y_sorted.device, contiguous=True)
-    check_shape("sorted_idx", sorted_idx, (N * k,), " ([N * k])")
-    check_shape("y_sorted", y_sorted, (N * k, y_sorted.shape[1]), " ([N * k, H])")
+    _check_combine_rows(y_sorted, sorted_idx, weights)
     if sorted_idx.device.type == "cpu" and not torch.equal(
             torch.sort(sorted_idx).values, torch.arange(N * k, dtype=torch.int32)):
         raise ValueError("sorted_idx must be a permutation of 0 .. N*k-1")
-    backend = resolve_backend("unpermute", backend, UNPERMUTE_BACKENDS, y_sorted.device)
-    if backend == "torch":
-        return torch_backend.unpermute(y_sorted, sorted_idx, weights)
-    return _unpermute(y_sorted, sorted_idx, weights, k, backend)
+    row = resolve_backend("unpermute", backend, OP_BACKENDS["unpermute"], y_sorted.device)
+    return _run(row, _unpermute, _unpermute_body, y_sorted, sorted_idx, weights, k)
 
 
 def fused_moe(x, gate_weight, gate_up_proj, down_proj, top_k, *, renormalize=True, backend=None):
@@ -406,21 +490,13 @@ def fused_moe(x, gate_weight, gate_up_proj, down_proj, top_k, *, renormalize=Tru
         top_k: experts per token (<= min(8, E)). renormalize: rescale the k weights to sum to 1.
     Returns:
         out [N, H] in x's dtype; differentiable in x and all weights (gate_weight through the routing
-        weights). No host synchronisation on CUDA: capturable in a CUDA graph.
+        weights). No host synchronisation on CUDA: capturable in a CUDA graph. On the triton backend a
+        call with few tokens and no gradient runs the few-token kernels (moe_ops/backends.py says when).
     """
     _check_x("x", x)
     _check_gate(gate_weight, x, top_k)
-    E, H = gate_weight.shape
-    _check_weight("gate_up_proj", gate_up_proj, x)
-    _check_weight("down_proj", down_proj, x)
-    F = down_proj.shape[2]
-    check_shape("gate_up_proj", gate_up_proj, (E, 2 * F, H), " ([E, 2F, H])")
-    check_shape("down_proj", down_proj, (E, H, F), " ([E, H, F])")
-    backend = resolve_backend("fused_moe", backend, FUSED_MOE_BACKENDS, x.device)
-    if backend == "torch":
-        return torch_backend.fused_moe(x, gate_weight, gate_up_proj, down_proj, top_k, bool(renormalize))
-    weights, ids = _route(x, gate_weight, top_k, bool(renormalize), backend)
-    x_sorted, sorted_idx, offsets = _permute(x, ids, E, backend)
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up_proj, down_proj))
-    y_sorted, _, _ = _expert_mlp(x_sorted, gate_up_proj, down_proj, offsets, save, backend)
-    return _unpermute(y_sorted, sorted_idx, weights, top_k, backend)
+    F = _check_expert_weights(gate_up_proj, down_proj, x, gate_weight.shape[0])
+    row = resolve_backend("fused_moe", backend, OP_BACKENDS["fused_moe"], x.device, dtype=x.dtype,
+                          gemm_sizes={"H": x.shape[1], "F": F})
+    return _run(row, _fused_moe_kernels, _fused_moe_body, x, gate_weight, gate_up_proj, down_proj, top_k,
+                bool(renormalize))

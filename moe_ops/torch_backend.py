@@ -54,12 +54,15 @@ def grouped_gemm(x, weight, offsets, weight_layout):
     return torch.cat(parts)
 
 
-def unpermute(y_sorted, sorted_idx, weights):
-    """out[t] = sum_j weights[t, j] * y_sorted[row of entry t * k + j], summed in fp32 in slot order."""
-    N, k = weights.shape
+def unpermute(y_sorted, sorted_idx, weights, top_k):
+    """out[t] = sum_j weights[t, j] * y_sorted[row of entry t * k + j] (weights None: the plain sum),
+    summed in fp32 in slot order."""
+    N = sorted_idx.numel() // top_k
     inverse = torch.argsort(sorted_idx.long())
-    gathered = y_sorted[inverse].view(N, k, y_sorted.shape[1]).float()
-    return (gathered * weights.float()[..., None]).sum(dim=1).to(y_sorted.dtype)
+    gathered = y_sorted[inverse].view(N, top_k, y_sorted.shape[1]).float()
+    if weights is not None:
+        gathered = gathered * weights.float()[..., None]
+    return gathered.sum(dim=1).to(y_sorted.dtype)
 
 
 def swiglu(gate_up):
@@ -72,4 +75,4 @@ def fused_moe(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize):
     x_sorted, sorted_idx, offsets = permute(x, ids, gate_weight.shape[0])
     h = swiglu(grouped_gemm(x_sorted, gate_up_proj, offsets, "nk"))
     y_sorted = grouped_gemm(h, down_proj, offsets, "nk")
-    return unpermute(y_sorted, sorted_idx, weights).to(x.dtype)
+    return unpermute(y_sorted, sorted_idx, weights, top_k).to(x.dtype)

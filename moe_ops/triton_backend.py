@@ -14,6 +14,10 @@ The interface of a kernel backend module (moe_ops.cuda_backend implements the sa
     grouped_gemm_weight_grad(x [M, K], dy [M, N], offsets, weight_layout) -> dweight (weight's shape)
     grouped_gemm_swiglu(x, gate_up_proj [E, 2F, H], offsets, store_preact) -> (h [M, F], [gate|up] [M, 2F] or [0, 2F])
     grouped_gemm_swiglu_backward(dy [M, H], down_proj [E, H, F], offsets, [gate|up]) -> d[gate|up] [M, 2F]
+
+and, Triton only, the few-token forward of the whole layer (moe_ops.ops uses it for few tokens without
+gradients):
+    few_token_moe(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize) -> out [N, H]
 """
 
 import os
@@ -24,6 +28,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from m1_kernels.dispatch import triton_interpreted
 
+from .triton import few_token as FT
 from .triton import grouped_gemm as G
 from .triton import permute as P
 from .triton.routing import route_kernel
@@ -222,3 +227,55 @@ def grouped_gemm_swiglu_backward(dy, down_proj, offsets, preact):
     d_preact = torch.empty(M, 2 * F, dtype=dy.dtype, device=dy.device)
     return _launch_gemm(dy, down_proj, True, offsets, d_preact, F, H, epilogue=2,
                         preact=preact)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Few-token forward (decode)
+
+# An expert gets at most one row per token, so with N <= 64 tokens all its rows fit one register tile
+# of the few-token kernels; N * k <= 128 bounds the one-program plan kernel's [N*k, E] one-hot tile.
+FEW_TOKEN_MAX_TOKENS = 64
+FEW_TOKEN_MAX_ENTRIES = 128
+
+
+def few_token_fits(num_tokens, top_k):
+    return num_tokens <= FEW_TOKEN_MAX_TOKENS and num_tokens * top_k <= FEW_TOKEN_MAX_ENTRIES
+
+
+def few_token_plan(expert_ids, num_experts):
+    """(sorted_idx [N*k], offsets [E+1], active [min(E, N*k)]) from one program: sorted_idx and offsets
+    as permute's (a stable sort by expert), active[s] the s-th expert that has rows, -1 past the last."""
+    NK, E = expert_ids.numel(), num_experts
+    S = min(E, NK)
+    sorted_idx = torch.empty(NK, dtype=torch.int32, device=expert_ids.device)
+    offsets = torch.empty(E + 1, dtype=torch.int32, device=expert_ids.device)
+    active = torch.empty(S, dtype=torch.int32, device=expert_ids.device)
+    FT.plan_kernel[(1,)](expert_ids, sorted_idx, offsets, active, NK, E, S, BLOCK=_pow2(NK, 16),
+                         BLOCK_E=_pow2(E, 16), BLOCK_S=_pow2(S, 16))
+    return sorted_idx, offsets, active
+
+
+def few_token_moe(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize):
+    """The MoE layer's forward for few tokens (few_token_fits): route, plan, gate_up + SwiGLU, down +
+    weight, slot sum; five launches, each chosen expert's weights read once (moe_ops/triton/few_token.py)."""
+    N, H = x.shape
+    E, F = gate_weight.shape[0], down_proj.shape[2]
+    out = torch.empty(N, H, dtype=x.dtype, device=x.device)
+    if N == 0:
+        return out
+    weights, ids = route(x, gate_weight, top_k, renormalize)
+    sorted_idx, offsets, active = few_token_plan(ids, E)
+    NK, S = ids.numel(), active.numel()
+    block_m, precision = _pow2(N, 16), _dot_precision(x.dtype)
+    h = torch.empty(NK, F, dtype=x.dtype, device=x.device)
+    FT.gate_up_kernel[lambda meta: (S * triton.cdiv(F, meta["BLOCK_F"]),)](
+        x, gate_up_proj, sorted_idx, offsets, active, h, H, F, S, x.stride(0), *gate_up_proj.stride(), h.stride(0),
+        TOP_K=top_k, DOT_PRECISION=precision, BLOCK_M=block_m)
+    ys = torch.empty(NK, H, dtype=torch.float32, device=x.device)
+    FT.down_kernel[lambda meta: (S * triton.cdiv(H, meta["BLOCK_N"]),)](
+        h, down_proj, sorted_idx, offsets, active, weights, ys, H, F, S, h.stride(0), *down_proj.stride(),
+        ys.stride(0), DOT_PRECISION=precision, BLOCK_M=block_m)
+    block_h = min(1024, _pow2(H, 16))
+    FT.slot_sum_kernel[(N, triton.cdiv(H, block_h))](ys, out, H, ys.stride(0), out.stride(0), TOP_K=top_k,
+                                                     BLOCK_H=block_h)
+    return out

@@ -18,11 +18,11 @@ from hypothesis import given, strategies as st
 
 from m1_kernels import moe_ops
 from m1_kernels.moe_ops import cuda_backend
+from m1_kernels.reference import moe as RM
 from numerics import assert_within_2x, nan_filled_outputs
 
 ON_GPU = torch.cuda.is_available()
 DTYPES = [torch.bfloat16, torch.float16]
-TILES = {"large": 0, "small": 1}
 
 
 def _extension():
@@ -53,26 +53,6 @@ def _split(M, E, kind, g):
     return [b - a for a, b in zip([0] + cut, cut + [M])]
 
 
-def loop_gemm(x, w, offsets, layout):
-    """y rows of expert e = x rows @ W_e^T ("nk") or @ W_e ("kn"), in x's dtype (zeros outside)."""
-    y = torch.zeros(x.shape[0], w.shape[1] if layout == "nk" else w.shape[2], dtype=x.dtype, device=x.device)
-    bounds = offsets.tolist()
-    for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        if b > a:
-            y[a:b] = x[a:b] @ (w[e].T if layout == "nk" else w[e])
-    return y
-
-
-def loop_wgrad(x, dy, offsets, layout):
-    E = offsets.numel() - 1
-    shape = (E, dy.shape[1], x.shape[1]) if layout == "nk" else (E, x.shape[1], dy.shape[1])
-    dw = torch.zeros(shape, dtype=x.dtype, device=x.device)
-    bounds = offsets.tolist()
-    for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        dw[e] = dy[a:b].T @ x[a:b] if layout == "nk" else x[a:b].T @ dy[a:b]
-    return dw
-
-
 def _weights(E, N, K, layout, dtype, g):
     """[E, N, K] ("nk") or [E, K, N] ("kn") weights, drawn on the GPU (M1 weights are ~7 GB) from a seed of g."""
     gpu = torch.Generator(device="cuda").manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
@@ -94,9 +74,9 @@ def test_forward_matches_per_expert_loop(M, E, K, N, layout, kind, dtype, tile, 
     x = torch.randn(M, K, generator=g).to(device="cuda", dtype=dtype)
     w = _weights(E, N, K, layout, dtype, g)
     with nan_filled_outputs():
-        y = cuda_backend.grouped_gemm(x, w, offsets, layout, tile=TILES[tile])
-    ref = loop_gemm(x.double(), w.double(), offsets, layout)
-    base = loop_gemm(x, w, offsets, layout)
+        y = cuda_backend.grouped_gemm(x, w, offsets, layout, tile=tile)
+    ref = RM.grouped_gemm(x.double(), w.double(), offsets, layout)
+    base = RM.grouped_gemm(x, w, offsets, layout)
     assert y.dtype == dtype and y.shape == (M, N)
     assert_within_2x("y", y, ref, base)
 
@@ -118,9 +98,9 @@ def test_backward_dx_and_dw_match_per_expert_loop(M, E, K, N, layout, kind, dtyp
         y = moe_ops.grouped_gemm(x, w, offsets, weight_layout=layout, backend="cuda")
         y.backward(dy)
     leaves64 = [t.detach().double().requires_grad_() for t in (x, w)]
-    loop_gemm(*leaves64, offsets, layout).backward(dy.double())
+    RM.grouped_gemm(*leaves64, offsets, layout).backward(dy.double())
     leaves = [t.detach().clone().requires_grad_() for t in (x, w)]
-    loop_gemm(*leaves, offsets, layout).backward(dy)
+    RM.grouped_gemm(*leaves, offsets, layout).backward(dy)
     assert_within_2x("dx", x.grad, leaves64[0].grad, leaves[0].grad)
     assert_within_2x("dw", w.grad, leaves64[1].grad, leaves[1].grad)
 
@@ -136,8 +116,8 @@ def test_wgrad_of_empty_experts_is_zero(layout):
         dw = cuda_backend.grouped_gemm_weight_grad(x, dy, offsets, layout)
     for e in (0, 2, 3, 5):
         assert torch.equal(dw[e], torch.zeros_like(dw[e])), f"expert {e} has no rows: its gradient must be 0"
-    ref = loop_wgrad(x.double(), dy.double(), offsets, layout)
-    assert_within_2x("dw", dw, ref, loop_wgrad(x, dy, offsets, layout))
+    ref = RM.grouped_gemm_weight_grad(x.double(), dy.double(), offsets, layout)
+    assert_within_2x("dw", dw, ref, RM.grouped_gemm_weight_grad(x, dy, offsets, layout))
 
 
 @pytest.mark.gpu
@@ -148,14 +128,14 @@ def test_single_row_and_uncovered_rows(tile):
     w = _weights(4, 64, 128, "nk", torch.bfloat16, g)
     x = torch.randn(1, 128, generator=g).to(device="cuda", dtype=torch.bfloat16)
     with nan_filled_outputs():
-        y = cuda_backend.grouped_gemm(x, w, _offsets([0, 0, 1, 0]), "nk", tile=TILES[tile])
+        y = cuda_backend.grouped_gemm(x, w, _offsets([0, 0, 1, 0]), "nk", tile=tile)
     torch.testing.assert_close(y.float(), (x.float() @ w[2].float().T), rtol=2e-2, atol=2e-2)
     x = torch.randn(10, 128, generator=g).to(device="cuda", dtype=torch.bfloat16)
     offsets = torch.tensor([3, 4, 6, 6, 8], dtype=torch.int32, device="cuda")
     with nan_filled_outputs():
-        y = cuda_backend.grouped_gemm(x, w, offsets, "nk", tile=TILES[tile])
+        y = cuda_backend.grouped_gemm(x, w, offsets, "nk", tile=tile)
     assert torch.equal(y[:3], torch.zeros_like(y[:3])) and torch.equal(y[8:], torch.zeros_like(y[8:]))
-    torch.testing.assert_close(y[3:8].float(), loop_gemm(x.float(), w.float(), offsets, "nk")[3:8], rtol=2e-2,
+    torch.testing.assert_close(y[3:8].float(), RM.grouped_gemm(x.float(), w.float(), offsets, "nk")[3:8], rtol=2e-2,
                                atol=2e-2)
 
 
@@ -186,9 +166,9 @@ def test_fused_swiglu_epilogue_matches_reference(monkeypatch, M, E, kind, dtype)
     with nan_filled_outputs():
         h, preact = cuda_backend.grouped_gemm_swiglu(x, gate_up, offsets, False)
     assert preact.shape == (0, 2 * F) and h.shape == (M, F)
-    pre64 = loop_gemm(x.double(), gate_up.double(), offsets, "nk")
+    pre64 = RM.grouped_gemm(x.double(), gate_up.double(), offsets, "nk")
     ref = torch.nn.functional.silu(pre64[:, :F]) * pre64[:, F:]
-    pre = loop_gemm(x, gate_up, offsets, "nk")
+    pre = RM.grouped_gemm(x, gate_up, offsets, "nk")
     base = torch.nn.functional.silu(pre[:, :F]) * pre[:, F:]
     assert_within_2x("h", h, ref, base)
     monkeypatch.setenv(cuda_backend.SWIGLU_ENV, "separate")
@@ -220,8 +200,8 @@ def test_m1_shapes_forward_and_backward(E, F, tokens):
     gate_up = _weights(E, 2 * F, H, "nk", torch.bfloat16, g)
     with nan_filled_outputs():
         pre = cuda_backend.grouped_gemm(x, gate_up, offsets, "nk")
-    assert_within_2x("gate_up", pre, loop_gemm(x.float(), gate_up.float(), offsets, "nk"),
-                     loop_gemm(x, gate_up, offsets, "nk"))
+    assert_within_2x("gate_up", pre, RM.grouped_gemm(x.float(), gate_up, offsets, "nk"),
+                     RM.grouped_gemm(x, gate_up, offsets, "nk"))
     del gate_up
     h = cuda_backend.swiglu(pre).requires_grad_()
     down = _weights(E, H, F, "nk", torch.bfloat16, g).requires_grad_()
@@ -230,11 +210,11 @@ def test_m1_shapes_forward_and_backward(E, F, tokens):
         dy = torch.randn_like(y)
         y.backward(dy)
     leaves32 = [t.detach().float().requires_grad_() for t in (h, down)]
-    loop_gemm(*leaves32, offsets, "nk").backward(dy.float())
+    RM.grouped_gemm(*leaves32, offsets, "nk").backward(dy.float())
     leaves = [t.detach().clone().requires_grad_() for t in (h, down)]
-    base = loop_gemm(*leaves, offsets, "nk")
+    base = RM.grouped_gemm(*leaves, offsets, "nk")
     base.backward(dy)
-    assert_within_2x("down", y.detach(), loop_gemm(leaves32[0].detach(), leaves32[1].detach(), offsets, "nk"),
+    assert_within_2x("down", y.detach(), RM.grouped_gemm(leaves32[0].detach(), leaves32[1].detach(), offsets, "nk"),
                      base.detach())
     assert_within_2x("dx", h.grad, leaves32[0].grad, leaves[0].grad)
     assert_within_2x("dw", down.grad, leaves32[1].grad, leaves[1].grad)
@@ -277,6 +257,8 @@ def test_extension_exports_the_grouped_gemm_entries():
     ext = _extension()
     for name in ("grouped_gemm", "grouped_gemm_wgrad", "grouped_gemm_workspace_size", "swiglu"):
         assert callable(getattr(ext, name, None)), f"m1_kernels._cuda lacks {name}"
+    assert [name for name in cuda_backend.TILES if not hasattr(ext.GroupedGemmTile, name)] == []
+    assert ext.GROUPED_GEMM_SMALL_TILE_MAX_ROWS_PER_EXPERT > 0
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -284,16 +266,17 @@ def test_extension_exports_the_grouped_gemm_entries():
     ("k", 20, "k \\(reduction length\\) must be a positive multiple of 8"),
     ("x_row_stride", 68, "x row stride must be a positive multiple of 8"),
     ("x", 8, "x must be 16-byte aligned"),
-    ("dtype", 0, "dtype must be float16 or bfloat16"),
+    ("dtype", "float32", "dtype must be float16 or bfloat16"),
     ("gate", 1 << 25 | 8, "gate must be 16-byte aligned"),
     ("weight_k_major", False, "gate \\(fused SwiGLU\\) needs weight layout 'nk'"),
 ])
 def test_extension_rejects_bad_arguments_before_touching_the_gpu(field, value, message):
     ext = _extension()
     args = dict(x=1 << 20, x_row_stride=64, w=1 << 21, w_expert_stride=64 * 64, w_row_stride=64, gate=0, y=1 << 22,
-                offsets=1 << 23, num_rows=4, n=64, k=64, num_experts=2, weight_k_major=True, dtype=2, tile=-1,
-                device=0, workspace=1 << 24, workspace_bytes=1 << 16, stream=0)
-    args[field] = value
+                offsets=1 << 23, num_rows=4, n=64, k=64, num_experts=2, weight_k_major=True,
+                dtype=ext.DType.bfloat16, tile=ext.GroupedGemmTile.auto, device=0, workspace=1 << 24,
+                workspace_bytes=1 << 16, stream=0)
+    args[field] = getattr(ext.DType, value) if field == "dtype" else value
     if field == "weight_k_major":
         args["gate"] = 1 << 25
     with pytest.raises(ValueError, match=message):
@@ -312,4 +295,18 @@ def test_without_a_gpu_the_cuda_backend_raises_clearly():
     ext = _extension()
     if ext.device_count() == 0:
         with pytest.raises(RuntimeError, match="cannot query CUDA device 0"):
-            ext.grouped_gemm_workspace_size(32, 0)
+            ext.grouped_gemm_workspace_size(num_experts=32, device=0)
+
+
+@pytest.mark.gpu
+def test_float32_is_refused_not_substituted():
+    """The extension has 16-bit kernels only: backend="cuda" with float32 inputs raises (it used to run
+    the Triton GEMM silently); without a backend the default (triton) runs them."""
+    x = torch.randn(8, 64, device="cuda")
+    gate, gate_up, down = torch.randn(4, 64, device="cuda"), torch.randn(4, 64, 64, device="cuda"), \
+        torch.randn(4, 64, 32, device="cuda")
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        moe_ops.fused_moe(x, gate, gate_up, down, 2, backend="cuda")
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        moe_ops.grouped_gemm(x, gate_up, _offsets([2, 2, 2, 2]), backend="cuda")
+    assert moe_ops.fused_moe(x, gate, gate_up, down, 2).shape == (8, 64)

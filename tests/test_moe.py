@@ -17,9 +17,9 @@ from hypothesis import assume, given, strategies as st
 
 from m1_kernels import moe_ops
 from m1_kernels.dispatch import triton_config
-from m1_kernels.moe_ops import ops
-from numerics import DEVICE, assert_within_2x, nan_filled_outputs, require_backend
+from m1_kernels.moe_ops import backends, ops
 from m1_kernels.reference import moe as RM
+from numerics import DEVICE, assert_within_2x, nan_filled_outputs, require_backend
 
 ON_GPU = DEVICE.type == "cuda"
 ROUTINGS = ["uniform", "zipf", "one_expert", "empty_experts"]
@@ -31,7 +31,14 @@ FFN = [8, 32] if not ON_GPU else [32, 136, 384]
 BACKENDS = [pytest.param(b, id=b, marks=[pytest.mark.gpu] if b == "cuda" else []) for b in ("torch", "triton", "cuda")]
 
 
+def require(backend, op):
+    """Skip unless `op` has `backend` (moe_ops/backends.py) and it can run here."""
+    return require_backend(backend, [row.name for row in backends.OP_BACKENDS[op]])
+
+
 def _dtypes(backend):
+    if backend == "cuda":  # CUTLASS: 16-bit inputs only (the table refuses float32)
+        return [torch.float16, torch.bfloat16]
     return [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU or backend == "torch" else [])
 
 
@@ -76,7 +83,7 @@ def to_dev(tensors, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(data=st.data())
 def test_fused_moe_forward_matches_reference(backend, data):
-    require_backend(backend, ops.FUSED_MOE_BACKENDS)
+    require(backend, "fused_moe")
     N = data.draw(st.sampled_from([1, 2, 7, 33] if not ON_GPU else [1, 7, 100, 513]), label="N")
     E = data.draw(st.sampled_from([1, 2, 5, 8]), label="E")
     k = data.draw(st.integers(1, min(E, 3)), label="k")
@@ -100,10 +107,11 @@ def test_fused_moe_forward_matches_reference(backend, data):
 @given(N=st.sampled_from([1, 5, 20]), E=st.sampled_from([1, 3, 6]), k=st.integers(1, 2),
        routing=st.sampled_from(ROUTINGS), renormalize=st.booleans(), seed=st.integers(0, 2**16))
 def test_fused_moe_gradients_match_reference(backend, N, E, k, routing, renormalize, seed):
-    require_backend(backend, ops.FUSED_MOE_BACKENDS)
+    require(backend, "fused_moe")
     k = min(k, E)
     H, F = HIDDEN[-1], FFN[-1]
-    tensors = make_moe(N, H, F, E, k, routing, seed)
+    dtype = torch.bfloat16 if backend == "cuda" else torch.float32
+    tensors = [t.to(dtype) for t in make_moe(N, H, F, E, k, routing, seed)]
     assume(routing_margin(tensors[0], tensors[1], k) > 1e-3)
     dout = torch.randn(N, H, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
 
@@ -117,11 +125,11 @@ def test_fused_moe_gradients_match_reference(backend, N, E, k, routing, renormal
         with nan_filled_outputs():
             return moe_ops.fused_moe(*t, k, renormalize=renormalize, backend=backend)
 
-    got = grads(ours, torch.float32, DEVICE)
+    got = grads(ours, dtype, DEVICE)
     truth = grads(lambda *t: RM.moe(*t, k, renormalize), torch.float64, "cpu")
-    base = grads(lambda *t: RM.moe(*t, k, renormalize), torch.float32, "cpu")
+    base = grads(lambda *t: RM.moe(*t, k, renormalize), dtype, "cpu")
     for name, a, t, b in zip(["dx", "dgate", "dgate_up", "ddown"], got, truth, base):
-        assert_within_2x(name, a.cpu(), t, b, atol=1e-4)
+        assert_within_2x(name, a.cpu(), t, b, atol=1e-4 if dtype == torch.float32 else None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -131,7 +139,7 @@ def test_fused_moe_gradients_match_reference(backend, N, E, k, routing, renormal
 @given(N=st.sampled_from([1, 3, 17, 40]), E=st.sampled_from([1, 2, 7, 32, 64, 256]), k=st.integers(1, 8),
        renormalize=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**16))
 def test_route_matches_reference(backend, N, E, k, renormalize, dtype, seed):
-    require_backend(backend, ops.ROUTE_BACKENDS)
+    require(backend, "route")
     k = min(k, E)
     x, gate, _, _ = make_moe(N, 24, 1, E, k, "zipf", seed)
     x = x.to(dtype)
@@ -165,7 +173,7 @@ def _random_ids(N, k, E, routing, g):
 @given(N=st.sampled_from([0, 1, 6, 50, 300]), E=st.sampled_from([1, 3, 16, 40, 256]), k=st.integers(1, 8),
        routing=st.sampled_from(ROUTINGS), seed=st.integers(0, 2**16))
 def test_permute_is_a_stable_expert_sort_and_unpermute_inverts_it(backend, N, E, k, routing, seed):
-    require_backend(backend, ops.PERMUTE_BACKENDS)
+    require(backend, "permute")
     k = min(k, E)
     g = torch.Generator().manual_seed(seed)
     ids = _random_ids(N, k, E, routing, g).to(torch.int32)
@@ -190,17 +198,12 @@ def test_permute_is_a_stable_expert_sort_and_unpermute_inverts_it(backend, N, E,
 @given(N=st.sampled_from([1, 4, 33]), k=st.integers(1, 4), H=st.sampled_from([8, 40]),
        dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**16))
 def test_unpermute_matches_loop_with_gradients(backend, N, k, H, dtype, seed):
-    require_backend(backend, ops.UNPERMUTE_BACKENDS)
+    require(backend, "unpermute")
     g = torch.Generator().manual_seed(seed)
     y = torch.randn(N * k, H, generator=g, dtype=torch.float64)
     sorted_idx = torch.randperm(N * k, generator=g).to(torch.int32)
     w = torch.rand(N, k, generator=g, dtype=torch.float64)
     dout = torch.randn(N, H, generator=g, dtype=torch.float64)
-
-    def loop(y_, w_):
-        rows = torch.empty(N * k, dtype=torch.long)
-        rows[sorted_idx.long()] = torch.arange(N * k)
-        return sum(w_[:, j, None] * y_[rows.view(N, k)[:, j]] for j in range(k))
 
     y_d = y.to(DEVICE, dtype).requires_grad_()
     w_d = w.to(DEVICE, torch.float32).requires_grad_()
@@ -208,10 +211,10 @@ def test_unpermute_matches_loop_with_gradients(backend, N, k, H, dtype, seed):
         out = moe_ops.unpermute(y_d, sorted_idx.to(DEVICE), w_d, backend=backend)
         out.backward(dout.to(DEVICE, dtype))
     y64, w64 = y.to(dtype).double().requires_grad_(), w.float().double().requires_grad_()
-    ref = loop(y64, w64)
+    ref = RM.unpermute(y64, sorted_idx, w64)
     ref.backward(dout.to(dtype).double())
     y32, w32 = y.to(dtype).float().requires_grad_(), w.float().requires_grad_()
-    base = loop(y32, w32)
+    base = RM.unpermute(y32, sorted_idx, w32)
     base.backward(dout.to(dtype).float())
     assert_within_2x("out", out.detach().cpu(), ref.detach(), base.detach().to(dtype))
     assert_within_2x("dy", y_d.grad.cpu(), y64.grad, y32.grad.to(dtype))
@@ -231,24 +234,15 @@ def _random_offsets(M, E, kind, g):
     return torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32)
 
 
-def gemm_loop(x, weight, offsets, layout):
-    out = []
-    bounds = offsets.tolist()
-    for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        w = weight[e].T if layout == "nk" else weight[e]
-        out.append(x[a:b] @ w)
-    return torch.cat(out)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(M=st.sampled_from([0, 1, 17, 70] if not ON_GPU else [1, 17, 300, 2049]), E=st.sampled_from([1, 2, 5]),
        K=st.sampled_from([40, 64] if not ON_GPU else [64, 264]),
        N=st.sampled_from([8, 33, 64] if not ON_GPU else [64, 136]),
        layout=st.sampled_from(["nk", "kn"]), kind=st.sampled_from(["random", "one_expert"]),
-       dtype=st.sampled_from([torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])),
-       tma=st.sampled_from(["1", "0"]), seed=st.integers(0, 2**16))
-def test_grouped_gemm_equals_per_expert_loop(backend, M, E, K, N, layout, kind, dtype, tma, seed):
-    require_backend(backend, ops.GROUPED_GEMM_BACKENDS)
+       data=st.data(), tma=st.sampled_from(["1", "0"]), seed=st.integers(0, 2**16))
+def test_grouped_gemm_equals_per_expert_loop(backend, M, E, K, N, layout, kind, data, tma, seed):
+    require(backend, "grouped_gemm")
+    dtype = data.draw(st.sampled_from([d for d in _dtypes(backend) if ON_GPU or d != torch.bfloat16]), label="dtype")
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g, dtype=torch.float64).to(dtype)
     w = (torch.randn(E, N, K, generator=g, dtype=torch.float64) / math.sqrt(K)).to(dtype)
@@ -263,10 +257,10 @@ def test_grouped_gemm_equals_per_expert_loop(backend, M, E, K, N, layout, kind, 
     assert y.dtype == dtype and y.shape == (M, N)
     base_dtype = torch.float32 if dtype == torch.float16 else dtype
     leaves64 = [x.double().requires_grad_(), w.double().requires_grad_()]
-    ref = gemm_loop(*leaves64, offsets, layout)
+    ref = RM.grouped_gemm(*leaves64, offsets, layout)
     ref.backward(dy.double())
     leaves_b = [x.to(base_dtype).requires_grad_(), w.to(base_dtype).requires_grad_()]
-    base = gemm_loop(*leaves_b, offsets, layout)
+    base = RM.grouped_gemm(*leaves_b, offsets, layout)
     base.backward(dy.to(base_dtype))
     assert_within_2x("y", y.detach().cpu(), ref.detach(), base.detach().to(dtype))
     assert_within_2x("dx", x_d.grad.cpu(), leaves64[0].grad, leaves_b[0].grad.to(dtype))
@@ -315,6 +309,47 @@ def test_bad_inputs_are_rejected():
             call()
 
 
+def test_shape_errors_name_the_wrong_argument():
+    """Each message starts with the argument that is wrong, judged against the ones that agree."""
+    x, gate, gate_up, down = to_dev(make_moe(4, 16, 4, 3, 2, "uniform", 0), torch.float32)
+    ids = torch.zeros(4, 2, dtype=torch.int32, device=DEVICE)
+    y, flat, w = x.repeat(2, 1), ids.view(-1), torch.ones(4, 2, device=DEVICE)
+    offsets = torch.tensor([0, 4, 4, 4], dtype=torch.int32, device=DEVICE)
+    cases = [
+        ("down_proj", r"transposed", lambda: moe_ops.fused_moe(x, gate, gate_up, down.transpose(1, 2), 2)),
+        ("down_proj", "", lambda: moe_ops.fused_moe(x, gate, gate_up, down[:2], 2)),
+        ("gate_up_proj", "", lambda: moe_ops.fused_moe(x, gate, gate_up.transpose(1, 2), down, 2)),
+        ("gate_up_proj", "", lambda: moe_ops.fused_moe(x, gate, gate_up[:2], down[:2], 2)),
+        ("gate_up_proj", "", lambda: moe_ops.fused_moe(x, gate, gate_up[:, :7], down, 2)),
+        ("weights", "", lambda: moe_ops.unpermute(y, flat, w[:3])),
+        ("sorted_idx", "", lambda: moe_ops.unpermute(y, flat[:7], w)),
+        ("y_sorted", "", lambda: moe_ops.unpermute(y[:7], flat, w)),
+        ("offsets", "", lambda: moe_ops.grouped_gemm(x, gate_up[:2], offsets)),
+    ]
+    for name, detail, call in cases:
+        with pytest.raises(ValueError, match=f"^{name} ") as raised:
+            call()
+        assert detail in str(raised.value)
+
+
+def test_cuda_backend_refuses_float32_rather_than_substituting():
+    """The CUDA backend's GEMMs are 16-bit: asked for explicitly with float32 inputs (or sizes its TMA
+    rows cannot take) it raises, naming what to use instead; the default picks a backend that can run
+    the call. On a CPU the device check is stubbed to reach the table's own refusal."""
+    x, gate, gate_up, down = make_moe(4, 16, 8, 3, 2, "uniform", 0)
+    fp32 = [t.float() for t in (x, gate, gate_up, down)]
+    with mock.patch("m1_kernels.dispatch.backend_error", lambda backend, device: None):
+        with pytest.raises(ValueError, match="float16 or bfloat16.*backend='triton' or 'torch'"):
+            moe_ops.fused_moe(*fp32, 2, backend="cuda")
+        with pytest.raises(ValueError, match="float16 or bfloat16"):
+            moe_ops.grouped_gemm(fp32[0], fp32[2], torch.tensor([0, 4, 4, 4], dtype=torch.int32), backend="cuda")
+        odd = [t.half() for t in make_moe(4, 20, 8, 3, 2, "uniform", 0)]
+        with pytest.raises(ValueError, match="multiples of 8.*H=20"):
+            moe_ops.fused_moe(*odd, 2, backend="cuda")
+    assert backends.CUDA.unsupported("fused_moe", dtype=torch.bfloat16, gemm_sizes={"H": 16, "F": 8}) is None
+    assert backends.CUDA.borrows == {"route": "triton", "permute": "triton", "unpermute": "triton"}
+
+
 # ---------------------------------------------------------------------------------------------------
 # torch.library: opcheck, torch.compile
 
@@ -323,8 +358,11 @@ KERNELS = BACKENDS[1:]
 
 @pytest.mark.parametrize("backend", KERNELS)
 def test_opcheck(backend):
-    require_backend(backend, ops.FUSED_MOE_BACKENDS)
-    x, gate, gate_up, down = to_dev(make_moe(6, 16, 8, 3, 2, "zipf", 1), torch.float32)
+    require(backend, "fused_moe")
+    dtype = torch.bfloat16 if backend == "cuda" else torch.float32
+    x, gate, gate_up, down = to_dev(make_moe(6, 16, 8, 3, 2, "zipf", 1), dtype)
+    if backend == "triton":  # the few-token forward (inference: no autograd formula to check)
+        torch.library.opcheck(ops._few_token, (x, gate, gate_up, down, 2, True, backend))
     for t in (x, gate, gate_up, down):
         t.requires_grad_()
     weights, ids = ops._route(x, gate, 2, True, backend)
@@ -342,8 +380,9 @@ def test_opcheck(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile(backend):
-    require_backend(backend, ops.FUSED_MOE_BACKENDS)
-    x, gate, gate_up, down = to_dev(make_moe(9, 16, 8, 4, 2, "uniform", 2), torch.float32)
+    require(backend, "fused_moe")
+    dtype = torch.bfloat16 if backend == "cuda" else torch.float32
+    x, gate, gate_up, down = to_dev(make_moe(9, 16, 8, 4, 2, "uniform", 2), dtype)
     x.requires_grad_()
 
     def f(x_):
@@ -360,6 +399,143 @@ def test_torch_compile(backend):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Few-token forward (triton): fused_moe without gradients on <= 64 tokens
+
+def _few_token_spy():
+    """A mock wrapping the Triton backend's few-token forward: was it the path fused_moe took?"""
+    impl = backends.TRITON.impl
+    return mock.patch.object(impl, "few_token_moe", wraps=impl.few_token_moe)
+
+
+@given(data=st.data())
+def test_few_token_forward_matches_reference(data):
+    require("triton", "fused_moe")
+    N = data.draw(st.sampled_from([1, 2, 7, 16, 33, 64]), label="N")
+    E = data.draw(st.sampled_from([1, 3, 8, 32]), label="E")
+    k = data.draw(st.integers(1, min(E, 3, 128 // N)), label="k")
+    H, F = data.draw(st.sampled_from(HIDDEN), label="H"), data.draw(st.sampled_from(FFN + [40]), label="F")
+    routing = data.draw(st.sampled_from(ROUTINGS), label="routing")
+    dtype = data.draw(st.sampled_from(_dtypes("triton")), label="dtype")
+    renormalize = data.draw(st.booleans(), label="renormalize")
+    lo = [t.to(dtype) for t in make_moe(N, H, F, E, k, routing, data.draw(st.integers(0, 2**16)))]
+    assume(routing_margin(lo[0], lo[1], k) > 1e-3)
+    with nan_filled_outputs(), _few_token_spy() as spy, torch.no_grad():
+        out = moe_ops.fused_moe(*to_dev(lo, dtype), k, renormalize=renormalize, backend="triton")
+    assert spy.call_count == 1
+    assert out.dtype == dtype and out.shape == (N, H)
+    ref = RM.moe(*[t.double() for t in lo], k, renormalize)
+    base_dtype = torch.float32 if dtype == torch.float16 else dtype
+    base = RM.moe(*[t.to(base_dtype) for t in lo], k, renormalize)
+    assert_within_2x("out", out.cpu(), ref, base.to(dtype))
+
+
+@pytest.mark.parametrize("N,E,k,routing", [(1, 1, 1, "uniform"), (1, 32, 2, "zipf"), (64, 4, 2, "one_expert"),
+                                           (64, 8, 2, "empty_experts"), (5, 3, 3, "uniform"), (0, 4, 2, "uniform")])
+def test_few_token_edge_cases(N, E, k, routing):
+    """A single token, one expert, every token on the same experts, empty experts, top_k = E, no tokens."""
+    require("triton", "fused_moe")
+    lo = [t.float() for t in make_moe(N, HIDDEN[-1], FFN[-1], E, k, routing, N + E)]
+    with nan_filled_outputs(), _few_token_spy() as spy, torch.no_grad():
+        out = moe_ops.fused_moe(*to_dev(lo, torch.float32), k, backend="triton")
+    assert spy.call_count == 1
+    ref = RM.moe(*[t.double() for t in lo], k)
+    assert_within_2x("out", out.cpu(), ref, RM.moe(*lo, k))
+
+
+@given(N=st.sampled_from([1, 5, 64]), E=st.sampled_from([1, 6, 40, 256]), k=st.integers(1, 2),
+       routing=st.sampled_from(ROUTINGS), seed=st.integers(0, 2**16))
+def test_few_token_plan_is_a_stable_sort_and_lists_the_chosen_experts(N, E, k, routing, seed):
+    require("triton", "fused_moe")
+    k = min(k, E)
+    ids = _random_ids(N, k, E, routing, torch.Generator().manual_seed(seed)).to(torch.int32)
+    with nan_filled_outputs():
+        sorted_idx, offsets, active = backends.TRITON.impl.few_token_plan(ids.to(DEVICE), E)
+    flat = ids.reshape(-1).long()
+    assert torch.equal(sorted_idx.cpu().long(), torch.sort(flat, stable=True).indices)
+    counts = torch.bincount(flat, minlength=E)
+    assert torch.equal(offsets.cpu().long(), torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
+    chosen = torch.nonzero(counts).flatten()
+    expected = torch.full((min(E, N * k),), -1, dtype=torch.long)
+    expected[:chosen.numel()] = chosen
+    assert torch.equal(active.cpu().long(), expected)
+
+
+def test_few_token_path_is_taken_only_where_it_applies():
+    """Inference on <= 64 tokens with N * k <= 128 on the triton backend; gradients, more tokens, more
+    entries and the other backends take their usual paths (and agree with it)."""
+    require("triton", "fused_moe")
+    impl = backends.TRITON.impl
+    cases = [(64, 2, False, "triton", True), (64, 2, True, "triton", False), (65, 2, False, "triton", False),
+             (64, 3, False, "triton", False), (42, 3, False, "triton", True), (8, 2, False, "torch", False)]
+    for N, k, grad, backend, expected in cases:
+        assert impl.few_token_fits(N, k) == (N <= 64 and N * k <= 128)
+        x, gate, gate_up, down = to_dev(make_moe(N, 16, 8, 4, k, "uniform", N), torch.float32)
+        x.requires_grad_(grad)
+        with _few_token_spy() as spy, torch.set_grad_enabled(grad):
+            out = moe_ops.fused_moe(x, gate, gate_up, down, k, backend=backend)
+        assert spy.call_count == int(expected), (N, k, grad, backend)
+        with torch.no_grad():
+            torch.testing.assert_close(out, moe_ops.fused_moe(x, gate, gate_up, down, k, backend="torch"),
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_few_token_under_torch_compile():
+    require("triton", "fused_moe")
+    x, gate, gate_up, down = to_dev(make_moe(3, 16, 8, 4, 2, "zipf", 7), torch.float32)
+
+    def f(x_):
+        return moe_ops.fused_moe(x_, gate, gate_up, down, 2, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if DEVICE.type == "cpu" else "inductor")
+    with torch.no_grad(), _few_token_spy() as spy:
+        out_c = compiled(x)
+        out_e = f(x)
+    assert spy.call_count == 2
+    torch.testing.assert_close(out_c, out_e, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.xdist_group("large_memory")
+@pytest.mark.parametrize("N", [1, 8, 64])
+def test_few_token_m1_width_bf16_within_2x_of_pytorch(N):
+    """E32 top-2 at H6144 F9216 in bf16 (weights drawn on the GPU: 11 GB); the float64 reference converts
+    only the experts in use; baseline: the torch backend (torch._grouped_mm) in bf16."""
+    require("triton", "fused_moe")
+    H, F, E, k = M1["H"], M1["F"], M1["E"], M1["k"]
+    g = torch.Generator(device="cuda").manual_seed(N)
+    x = torch.randn(N, H, device="cuda", generator=g).to(torch.bfloat16)
+    gate = (torch.randn(E, H, device="cuda", generator=g) * H ** -0.5).to(torch.bfloat16)
+    gate_up = torch.empty(E, 2 * F, H, device="cuda", dtype=torch.bfloat16).normal_(0, H ** -0.5, generator=g)
+    down = torch.empty(E, H, F, device="cuda", dtype=torch.bfloat16).normal_(0, F ** -0.5, generator=g)
+    assume(routing_margin(x, gate, k) > 1e-3)
+    with nan_filled_outputs(), _few_token_spy() as spy, torch.no_grad():
+        out = moe_ops.fused_moe(x, gate, gate_up, down, k, backend="triton")
+        base = moe_ops.fused_moe(x, gate, gate_up, down, k, backend="torch")
+        ref = RM.moe(x.double(), gate.double(), gate_up, down, k)
+    assert spy.call_count == 1
+    assert_within_2x("out", out, ref, base)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [1, 64])
+def test_every_few_token_config_matches_the_first(N):
+    """Every config the pruning keeps for the two few-token GEMM kernels, against float64, within 2x of
+    config 0's error (the suite pins config 0)."""
+    require("triton", "fused_moe")
+    from m1_kernels.moe_ops.triton import few_token
+    kernels = [few_token.gate_up_kernel, few_token.down_kernel]
+    E, k, H, F = 8, 2, 2048, 1536
+    lo = [t.to(device=DEVICE, dtype=torch.bfloat16) for t in make_moe(N, H, F, E, k, "zipf", 6)]
+    runs = []
+    for index in range(max(len(kernel.configs) for kernel in kernels)):
+        with triton_config(index, kernels), nan_filled_outputs(), torch.no_grad():
+            runs.append(moe_ops.fused_moe(*lo, k, backend="triton"))
+    ref = RM.moe(*[t.double() for t in lo], k)
+    for index, run in enumerate(runs[1:], 1):
+        assert_within_2x(f"config {index}", run, ref, runs[0])
+
+
+# ---------------------------------------------------------------------------------------------------
 # GPU: M1 shapes, bf16 error within 2x of PyTorch, CUDA graphs, no host sync
 
 M1 = dict(H=6144, F=9216, E=32, k=2)
@@ -372,7 +548,7 @@ M1 = dict(H=6144, F=9216, E=32, k=2)
 def test_m1_shapes_bf16_within_2x_of_pytorch(backend, E, F, N):
     """M1 hidden size with the full expert FFN (8 or 4 experts: the float64 reference must fit) and the
     tensor-parallel shard (F 1152, 32 experts); forward and gradients against float64."""
-    require_backend(backend, ops.FUSED_MOE_BACKENDS)
+    require(backend, "fused_moe")
     H, k = M1["H"], M1["k"]
     tensors = [t.cuda() for t in make_moe(N, H, F, E, k, "zipf", 5)]
     lo = [t.to(torch.bfloat16) for t in tensors]
@@ -420,9 +596,10 @@ def test_every_autotune_config_matches_the_first(N, H, F):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", KERNELS)
-@pytest.mark.parametrize("N", [64, 1024])
+@pytest.mark.parametrize("N", [1, 64, 1024])
 def test_fused_moe_captures_in_a_cuda_graph(backend, N):
-    require_backend(backend, ops.FUSED_MOE_BACKENDS)
+    """Inference, so the triton backend takes its few-token path at 1 and 64 tokens."""
+    require(backend, "fused_moe")
     H, F, E, k = 1024, 1152, M1["E"], M1["k"]
     x, gate, gate_up, down = to_dev(make_moe(N, H, F, E, k, "zipf", 3), torch.bfloat16)
     out = moe_ops.fused_moe(x, gate, gate_up, down, k, backend=backend)       # compiles and autotunes
