@@ -130,12 +130,6 @@ def _slice_configs(device):
     return hybrid, hybrid.replace(layer_types=[FULL] * hybrid.num_hidden_layers)
 
 
-def _hf_config(config: M1Config):
-    from transformers import MiniMaxConfig
-    return MiniMaxConfig(**{k: v for k, v in config.to_dict("transformers").items()
-                            if k not in ("architectures", "model_type")}, block_size=256)
-
-
 def _share(ours, source):
     """Point every parameter of `ours` at the parameter of `source` with the same name (no copy)."""
     theirs = dict(source.named_parameters())
@@ -180,11 +174,13 @@ def slice_models(device, with_hf: bool) -> dict:
         _share(all_softmax, hybrid)      # embeddings, norms, MoE, LM head and the one softmax layer
         return {"hybrid": hybrid, "all_softmax": _materialize_rest(all_softmax, device, dtype)}
     from transformers import MiniMaxForCausalLM
+
+    from m1_kernels.model.hf import transformers_config
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)            # built in bf16 directly: an fp32 copy of the slice would need 39 GB
     try:
         with torch.device(device):
-            hf = MiniMaxForCausalLM(_hf_config(hybrid_cfg)).eval()
+            hf = MiniMaxForCausalLM(transformers_config(hybrid_cfg, block_size=256)).eval()
     finally:
         torch.set_default_dtype(previous)
     hf.requires_grad_(False)

@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import re
+import warnings
 
 import torch
 from safetensors import safe_open
@@ -306,15 +307,22 @@ def original_names(name: str, tensor, ffn: int):
 
 
 def save_pretrained(model, folder, max_shard_bytes: int = 5 << 30, names: str = "original"):
-    """Write config.json and the parameters as safetensors (see the module docstring)."""
+    """Write config.json and the parameters as safetensors (see the module docstring).
+
+    names="transformers" writes what `transformers`' MiniMaxForCausalLM.from_pretrained loads (it reports
+    the decay buffers as missing and recomputes them: harmless)."""
     if names not in ("original", "transformers"):
         raise ValueError(f"names must be 'original' or 'transformers', got {names!r}")
+    config = model.config
+    if names == "transformers" and config.rotary_dim != config.head_dim:
+        warnings.warn(f"rotary_dim {config.rotary_dim} < head_dim {config.head_dim}: transformers' MiniMax ignores "
+                      "partial_rotary_factor and rotates every head dim, so it loads this checkpoint as a different "
+                      "model (ours and the original release read it correctly)", stacklevel=3)
     os.makedirs(folder, exist_ok=True)
     # Weights of an earlier save into this folder go first: a stale index or shard would be loaded instead.
     for name in os.listdir(folder):
         if _WEIGHT_FILE.match(name):
             os.remove(os.path.join(folder, name))
-    config = model.config
     params = _unique_parameters(model)
     if config.tie_word_embeddings:
         params.pop("lm_head.weight", None)

@@ -77,6 +77,14 @@ class HFLightningAttention(LightningAttention):
         return out, state
 
 
+def transformers_config(config, **overrides):
+    """`transformers`' MiniMaxConfig of an M1Config (for building the same model there). Its MiniMax rotates
+    every head dim whatever the config says: the two agree only when rotary_dim == head_dim."""
+    from transformers import MiniMaxConfig
+    fields = {k: v for k, v in config.to_dict("transformers").items() if k not in ("architectures", "model_type")}
+    return MiniMaxConfig(**{**fields, **overrides})
+
+
 def sparse_moe_from_hf(hf_block, backend=None) -> SparseMoE:
     """A SparseMoE sharing the parameters of a `transformers` MiniMaxSparseMoeBlock (no copies)."""
     E, two_f, H = hf_block.experts.gate_up_proj.shape

@@ -211,3 +211,11 @@ def test_direct_construction_checks_types_and_finiteness():
         M1Config.preset("tiny").replace(rope_theta=float("inf"))
     with pytest.raises(ValueError, match="max_position_embeddings must be a positive integer"):
         M1Config.preset("tiny").replace(max_position_embeddings=0)
+
+
+def test_transformers_config_builds_the_same_model_there():
+    from m1_kernels.model.hf import transformers_config
+    c = M1Config.preset("tiny-full-rotary").replace(mlp_beta=0.5, tie_word_embeddings=True)
+    hf = transformers_config(c, block_size=8)
+    assert type(hf).__name__ == "MiniMaxConfig" and hf.block_size == 8
+    assert M1Config.from_pretrained(hf.to_dict()) == c

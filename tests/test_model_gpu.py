@@ -11,6 +11,7 @@ import torch
 
 from m1_kernels.model import M1Config, M1ForCausalLM, replace_hf_modules
 from m1_kernels.model.config import FULL, LINEAR
+from m1_kernels.model.hf import transformers_config
 
 pytestmark = pytest.mark.gpu
 
@@ -91,17 +92,15 @@ def test_generation_bf16_kernels():
 
 
 def test_replace_hf_modules_bf16_kernels():
-    from transformers import MiniMaxConfig, MiniMaxForCausalLM
-    cfg = SMALL.replace(rotary_dim=SMALL.head_dim)
-    hf_cfg = MiniMaxConfig(**{k: v for k, v in cfg.to_dict("transformers").items()
-                              if k not in ("architectures", "model_type")})
+    from transformers import MiniMaxForCausalLM
+    hf_cfg = transformers_config(SMALL.replace(rotary_dim=SMALL.head_dim))
     torch.manual_seed(3)
     with torch.device("cuda"):
         hf32 = MiniMaxForCausalLM(hf_cfg).eval()
         hf16 = MiniMaxForCausalLM(hf_cfg).eval()
     hf16.load_state_dict(hf32.state_dict())
     hf16.to(torch.bfloat16)
-    ids = torch.randint(0, cfg.vocab_size, (2, 300), device="cuda")
+    ids = torch.randint(0, SMALL.vocab_size, (2, 300), device="cuda")
     with torch.no_grad():
         ref = hf32(ids).logits
         before = hf16(ids).logits
