@@ -11,7 +11,7 @@ CHUNK_ELEMENTS = 1 << 24
 
 
 def _chunk(N, V):
-    return max(128, min(V, CHUNK_ELEMENTS // max(N, 1)))
+    return max(1, min(V, CHUNK_ELEMENTS // max(N, 1)))
 
 
 def forward(hidden, weight, targets, with_entropy):

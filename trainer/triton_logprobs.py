@@ -39,8 +39,10 @@ if INTERPRETED:
 # Extra memory of the backward pass: the fp32 dh accumulator of one row block, the dz buffer of one chunk.
 DH_BUDGET_BYTES = 512 << 20
 DZ_BUDGET_BYTES = 256 << 20
-# Columns one forward program covers (the same for every config, so the partial buffers have one size).
+# Columns one forward program covers (the same for every config, so the partial buffers have one size); the
+# backward's chunk widths and row blocks are multiples of the largest tiles.
 COLUMNS_PER_PROGRAM = 64 if INTERPRETED else 2048
+COLUMN_ALIGN, ROW_ALIGN = (32, 16) if INTERPRETED else (256, 128)
 # Below this many multiply-adds a call takes microseconds: one config, no autotuning (the tests draw many shapes).
 TUNE_MIN_MACS = 1 << 32
 
@@ -285,7 +287,8 @@ def backward(grad_logp, grad_entropy, hidden, weight, targets, lse, entropy, nee
     with_ent = grad_entropy is not None
     dz_dtype = weight.dtype
     # Rows per block: an fp32 hidden accumulates into its own gradient; a 16-bit one into an fp32 block buffer.
-    rows_per_block = N if dh is not None or not need_dh else max(128, DH_BUDGET_BYTES // (H * 4))
+    rows_per_block = N if dh is not None or not need_dh else \
+        max(ROW_ALIGN, DH_BUDGET_BYTES // (H * 4) // ROW_ALIGN * ROW_ALIGN)
     for r0 in range(0, N, rows_per_block):
         r1 = min(N, r0 + rows_per_block)
         n = r1 - r0
@@ -293,7 +296,7 @@ def backward(grad_logp, grad_entropy, hidden, weight, targets, lse, entropy, nee
         acc = None
         if need_dh:
             acc = dh[r0:r1] if dh is not None else torch.zeros(n, H, dtype=torch.float32, device=device)
-        chunk = max(256, min(V, DZ_BUDGET_BYTES // (n * dz_dtype.itemsize)) // 256 * 256)
+        chunk = max(COLUMN_ALIGN, min(V, DZ_BUDGET_BYTES // (n * dz_dtype.itemsize)) // COLUMN_ALIGN * COLUMN_ALIGN)
         dz = torch.empty(n, min(chunk, V), dtype=dz_dtype, device=device)
         for c0 in range(0, V, chunk):
             cols = min(chunk, V - c0)
