@@ -46,6 +46,7 @@ if triton_interpreted():
     patch_triton_interpreter()
 
 RECOMMENDED_PAGE_SIZE = 16
+COMBINE_CHUNK = 32  # splits the combine kernel reads per step
 TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
@@ -301,7 +302,7 @@ def _decode_triton(q, k_pages, v_pages, block_table, seq_lens, scale, splits=Non
         G=G, G_PAD=max(16, triton.next_power_of_2(G)), SPLIT=splits > 1, DOT_PREC=_dot_precision(q.dtype),
         num_warps=warps, num_stages=stages, **common)
     if splits > 1:
-        _combine_kernel[(B * H,)](po, plse, seq_lens, o, splits, min_split, max_pages, BS=32, num_warps=4, **common)
+        _combine_kernel[(B * H,)](po, plse, seq_lens, o, splits, min_split, max_pages, BS=COMBINE_CHUNK, num_warps=4, **common)
     return o
 
 
