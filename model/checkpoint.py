@@ -82,8 +82,8 @@ def convert_per_expert_state_dict(state_dict) -> dict:
                    if (e, w) not in weights]
         if missing:
             raise ValueError(f"per-expert state dict is missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-        ffn, hidden = weights[(0, "w1")].shape
         first = weights[(0, "w1")]
+        ffn, hidden = first.shape
         stacked = {f"{prefix}experts.gate_up_proj": first.new_empty(E, 2 * ffn, hidden),
                    f"{prefix}experts.down_proj": first.new_empty(E, hidden, ffn)}
         for (e, w), tensor in sorted(weights.items()):
@@ -108,11 +108,11 @@ def parse_dtype(dtype, name: str = "dtype"):
     if isinstance(dtype, str):
         value = getattr(torch, dtype, None)
         if not isinstance(value, torch.dtype):
-            raise ValueError(f"{name} {dtype!r} is not a torch dtype name; use 'auto' or one of "
+            raise ValueError(f"{name} {dtype!r} is not a torch dtype name; the model runs in "
                              f"{[str(d).removeprefix('torch.') for d in MODEL_DTYPES]}")
         dtype = value
     if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"{name} must be a torch.dtype, its name or 'auto', got {type(dtype).__name__}")
+        raise TypeError(f"{name} must be a torch.dtype or its name, got {type(dtype).__name__}")
     if dtype not in MODEL_DTYPES:
         raise ValueError(f"{name} {dtype} is not a dtype the model runs in ({', '.join(map(str, MODEL_DTYPES))})")
     return dtype
