@@ -75,8 +75,10 @@ _REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_attenti
 _POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                   "head_dim", "intermediate_size", "num_local_experts", "num_experts_per_tok",
                   "max_position_embeddings")
-_FLOATS = ("rope_theta", "rms_norm_eps", "lightning_norm_eps", "linear_attn_alpha", "linear_attn_beta",
-           "full_attn_alpha", "full_attn_beta", "mlp_alpha", "mlp_beta")
+_RESIDUAL_FACTORS = ("linear_attn_alpha", "linear_attn_beta", "full_attn_alpha", "full_attn_beta", "mlp_alpha",
+                     "mlp_beta")
+_POSITIVE_FLOATS = ("rope_theta", "rms_norm_eps", "lightning_norm_eps")
+_FLOATS = _POSITIVE_FLOATS + _RESIDUAL_FACTORS
 _BOOLS = ("tie_word_embeddings", "lm_head_fp32")
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
@@ -168,10 +170,10 @@ class M1Config:
                              f"({self.num_local_experts})")
         if LINEAR in self.layer_types and self.num_hidden_layers < 2:
             raise ValueError("lightning layers need num_hidden_layers >= 2 (their decay depends on depth)")
-        for name in ("rope_theta", "rms_norm_eps", "lightning_norm_eps"):
+        for name in _POSITIVE_FLOATS:
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be positive and finite, got {getattr(self, name)!r}")
-        for name in _FLOATS[3:]:
+        for name in _RESIDUAL_FACTORS:
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, got {getattr(self, name)!r}")
 
