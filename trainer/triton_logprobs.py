@@ -3,10 +3,11 @@ the LM head weight, with fp32-accurate logits and no [N, V] logits tensor.
 
 fp32-accurate logits from a 16-bit weight: a product of two bf16 (or two fp16) numbers is exact in fp32, and the
 tensor cores accumulate in fp32, so a 16-bit hidden state times the 16-bit weight gives the fp32 logits with no
-rounding beyond fp32 accumulation. An fp32 hidden state is split into two pieces of the weight's dtype,
-hi = round(h) and lo = round(h - hi), and multiplied twice (hi and lo together carry 16 (bf16) or 22 (fp16)
-significant bits of h, so the logits keep a relative error near 2^-17 in bf16 instead of 2^-9). An fp32 weight
-runs fp32 dots ("ieee").
+rounding beyond fp32 accumulation. An fp32 hidden state is split into pieces of the weight's dtype (3 for bf16,
+2 for fp16: m1_kernels.model.lm_head's `split_dot` and `PIECES`, measured there), each multiplied with the same
+weight tile into one fp32 accumulator. An fp32 weight runs fp32 dots ("ieee"). (lm_head's fp16 row scaling is
+not applied: an fp32 hidden with an fp16 weight must stay within fp16's range, as hidden states after RMSNorm
+do.)
 
 Forward (one launch, then a small combine in torch): program (row block, column group) computes logits tiles
 [BLOCK_N, BLOCK_V] over its COLUMNS_PER_PROGRAM columns, keeping an online max m, sum s = sum exp(z - m) and
@@ -31,6 +32,7 @@ import triton.language as tl
 
 from m1_kernels.dispatch import autotune_prune, triton_interpreted
 from m1_kernels.interpreter_compat import patch_triton_interpreter
+from m1_kernels.model.lm_head import PIECES, split_dot
 
 INTERPRETED = triton_interpreted()
 if INTERPRETED:
@@ -72,8 +74,8 @@ def _grouped_pid(pid, num_a, num_b, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _logits_tile(h_ptr, w_ptr, rows, cols, H, stride_hn, stride_wv, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+def _logits_tile(h_ptr, w_ptr, rows, cols, H, stride_hn, stride_wv, PIECES: tl.constexpr, EVEN_K: tl.constexpr,
+                 FP32_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 logits h[rows] @ w[cols]^T ([BLOCK_N, BLOCK_V]); rows and cols must be in bounds."""
     ks = tl.arange(0, BLOCK_K)
     h_ptrs = h_ptr + rows[:, None] * stride_hn + ks[None, :]
@@ -87,25 +89,22 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, H, stride_hn, stride_wv, SPLIT: tl.co
             k_ok = ks < H - k * BLOCK_K
             h = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        if SPLIT:  # fp32 h, 16-bit w: h = hi + lo, each product exact in the fp32 accumulator
-            hi = h.to(w.dtype)
-            lo = (h - hi.to(tl.float32)).to(w.dtype)
-            acc = tl.dot(hi, w, acc)
-            acc = tl.dot(lo, w, acc)
-        else:
-            acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+        if FP32_DOT:
+            acc = tl.dot(h, w, acc, input_precision="ieee")
+        else:  # 16-bit w: h in PIECES pieces of w's dtype, each product exact in the fp32 accumulator
+            acc = split_dot(h, w, acc, PIECES)
         h_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     return acc
 
 
-@triton.autotune(configs=_tile_configs(8), key=["N_BUCKET", "K", "V_TOTAL", "SPLIT", "WITH_ENTROPY"],
+@triton.autotune(configs=_tile_configs(8), key=["N_BUCKET", "K", "V_TOTAL", "PIECES", "WITH_ENTROPY"],
                  prune_configs_by={"early_config_prune": autotune_prune(_prune_small)}, cache_results=True)
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _forward_kernel(h_ptr, w_ptr, tgt_ptr, part_m_ptr, part_s_ptr, part_t_ptr, zt_ptr, N, V_TOTAL, K,
-                    stride_hn, stride_wv, N_BUCKET, WITH_ENTROPY: tl.constexpr, SPLIT: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, COLUMNS: tl.constexpr, EVEN_K: tl.constexpr,
+                    stride_hn, stride_wv, N_BUCKET, WITH_ENTROPY: tl.constexpr, PIECES: tl.constexpr,
+                    FP32_DOT: tl.constexpr, COLUMNS: tl.constexpr, EVEN_K: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
     """Partial (m, s, t) of rows block x COLUMNS columns into part_*[group, row]; the target logit into zt."""
     V = V_TOTAL
@@ -125,7 +124,7 @@ def _forward_kernel(h_ptr, w_ptr, tgt_ptr, part_m_ptr, part_s_ptr, part_t_ptr, z
     for j in range(0, n_tiles):
         cols = first_col + j * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < V
-        acc = _logits_tile(h_ptr, w_ptr, rows_in, cols % V, K, stride_hn, stride_wv, SPLIT, EVEN_K, DOT_PRECISION,
+        acc = _logits_tile(h_ptr, w_ptr, rows_in, cols % V, K, stride_hn, stride_wv, PIECES, EVEN_K, FP32_DOT,
                            BLOCK_N, BLOCK_V, BLOCK_K)
         z = tl.where(col_ok[None, :], acc, float("-inf"))
         new_m = tl.maximum(m, tl.max(z, axis=1))
@@ -146,13 +145,13 @@ def _forward_kernel(h_ptr, w_ptr, tgt_ptr, part_m_ptr, part_s_ptr, part_t_ptr, z
     tl.store(zt_ptr + rows, z_target, mask=row_ok & (found > 0))
 
 
-@triton.autotune(configs=_tile_configs(8), key=["N_BUCKET", "K", "V_TOTAL", "SPLIT", "WITH_ENTROPY_GRAD"],
+@triton.autotune(configs=_tile_configs(8), key=["N_BUCKET", "K", "V_TOTAL", "PIECES", "WITH_ENTROPY_GRAD"],
                  prune_configs_by={"early_config_prune": autotune_prune(_prune_small)}, cache_results=True)
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _dlogits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, dz_ptr, N, V_TOTAL, K,
                     col_start, cols_here, stride_hn, stride_wv, stride_dz, N_BUCKET,
-                    WITH_ENTROPY_GRAD: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    WITH_ENTROPY_GRAD: tl.constexpr, PIECES: tl.constexpr, FP32_DOT: tl.constexpr,
                     EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                     GROUP: tl.constexpr):
     """dz[:, 0:cols_here] for logits columns col_start + (0:cols_here), recomputed tile by tile."""
@@ -161,7 +160,7 @@ def _dlogits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_p
     local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     rows_in = rows % N
     cols = col_start + local % cols_here
-    z = _logits_tile(h_ptr, w_ptr, rows_in, cols, K, stride_hn, stride_wv, SPLIT, EVEN_K, DOT_PRECISION,
+    z = _logits_tile(h_ptr, w_ptr, rows_in, cols, K, stride_hn, stride_wv, PIECES, EVEN_K, FP32_DOT,
                      BLOCK_N, BLOCK_V, BLOCK_K)
     lse = tl.load(lse_ptr + rows_in)
     g = tl.load(g_logp_ptr + rows_in)
@@ -176,17 +175,17 @@ def _dlogits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_p
     tl.store(dz_ptr + rows[:, None] * stride_dz + local[None, :], dz.to(dz_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.autotune(configs=_tile_configs(8), key=["N_BUCKET", "K", "V_TOTAL", "SPLIT_B", "ACCUMULATE"],
+@triton.autotune(configs=_tile_configs(8), key=["N_BUCKET", "K", "V_TOTAL", "PIECES", "ACCUMULATE"],
                  prune_configs_by={"early_config_prune": autotune_prune(_prune_small)}, cache_results=True)
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, V_TOTAL, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
-                   stride_cn, N_BUCKET, ACCUMULATE: tl.constexpr, SPLIT_B: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                   stride_cn, N_BUCKET, ACCUMULATE: tl.constexpr, PIECES: tl.constexpr,
+                   FP32_DOT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
     """c[M, V_TOTAL] (+)= a[M, K] @ b[K, V_TOTAL] with fp32 accumulation (BLOCK_N rows, BLOCK_V columns per
-    tile; names shared with the logits kernels so that one config list serves all three). SPLIT_B: b is fp32
-    and a 16-bit: b = hi + lo in a's dtype."""
+    tile; names shared with the logits kernels so that one config list serves all three). A 16-bit b with an
+    a of any float dtype: a in PIECES pieces of b's dtype."""
     pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_N), tl.cdiv(V_TOTAL, BLOCK_V), GROUP)
     rows = pid_m * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_n * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -202,13 +201,10 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, V_TOTAL, K, stride_am, stride_ak, str
             k_ok = ks < K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        if SPLIT_B:
-            hi = b.to(a.dtype)
-            lo = (b - hi.to(tl.float32)).to(a.dtype)
-            acc = tl.dot(a, hi, acc)
-            acc = tl.dot(a, lo, acc)
+        if FP32_DOT:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            acc = split_dot(a, b, acc, PIECES)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     ok = (rows < M)[:, None] & (cols < V_TOTAL)[None, :]
@@ -225,12 +221,9 @@ def _bucket(n):
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def _precision(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _split(hidden, weight):
-    return hidden.dtype == torch.float32 and weight.dtype != torch.float32
+def _pieces(a_dtype, b_dtype):
+    """Pieces of an a operand in b's 16-bit dtype (1 for an fp32 b: FP32_DOT takes over)."""
+    return 1 if b_dtype == torch.float32 else PIECES[(a_dtype, b_dtype)]
 
 
 def _grid_2d(rows, cols):
@@ -252,8 +245,8 @@ def forward(hidden, weight, targets, with_entropy):
         return z_target, z_target.new_empty(N if with_entropy else 0), z_target.clone()
     _forward_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * groups,)](
         hidden, weight, targets, part_m, part_s, part_t, z_target, N, V, H, hidden.stride(0), weight.stride(0),
-        _bucket(N), WITH_ENTROPY=with_entropy, SPLIT=_split(hidden, weight),
-        DOT_PRECISION=_precision(weight.dtype), COLUMNS=COLUMNS_PER_PROGRAM)
+        _bucket(N), WITH_ENTROPY=with_entropy, PIECES=_pieces(hidden.dtype, weight.dtype),
+        FP32_DOT=weight.dtype == torch.float32, COLUMNS=COLUMNS_PER_PROGRAM)
     top = part_m.max(dim=0).values
     scale = torch.exp(part_m - top)
     total = (part_s * scale).sum(dim=0)
@@ -267,8 +260,7 @@ def _matmul(a, b, c, accumulate):
     Nc = b.shape[1]
     _matmul_kernel[_grid_2d(M, Nc)](
         a, b, c, M, Nc, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), _bucket(M),
-        ACCUMULATE=accumulate, SPLIT_B=b.dtype == torch.float32 and a.dtype != torch.float32,
-        DOT_PRECISION=_precision(a.dtype))
+        ACCUMULATE=accumulate, PIECES=_pieces(a.dtype, b.dtype), FP32_DOT=b.dtype == torch.float32)
 
 
 def backward(grad_logp, grad_entropy, hidden, weight, targets, lse, entropy, need_dh, need_dw):
@@ -304,12 +296,14 @@ def backward(grad_logp, grad_entropy, hidden, weight, targets, lse, entropy, nee
                 h_rows, weight, targets[r0:r1], lse[r0:r1], entropy[r0:r1] if with_ent else lse,
                 grad_logp[r0:r1], grad_entropy[r0:r1] if with_ent else grad_logp, dz, n, V, H, c0, cols,
                 h_rows.stride(0), weight.stride(0), dz.stride(0), _bucket(n), WITH_ENTROPY_GRAD=with_ent,
-                SPLIT=_split(hidden, weight), DOT_PRECISION=_precision(weight.dtype))
+                PIECES=_pieces(hidden.dtype, weight.dtype), FP32_DOT=weight.dtype == torch.float32)
             dz_c = dz[:, :cols]
             if need_dh:
                 _matmul(dz_c, weight[c0:c0 + cols], acc, accumulate=True)
-            if need_dw:
+            if need_dw and hidden.dtype == dz_dtype:
                 _matmul(dz_c.t(), h_rows, dw[c0:c0 + cols], accumulate=r0 > 0)
+            elif need_dw:  # the fp32 hidden is the split operand: dW^T = h^T @ dz
+                _matmul(h_rows.t(), dz_c, dw[c0:c0 + cols].t(), accumulate=r0 > 0)
         if need_dh and dh is None:
             dh_out[r0:r1] = acc
     return dh_out, dw
