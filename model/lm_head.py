@@ -8,11 +8,13 @@ the weight's dtype, hi = round(x), lo = round(x - hi), lo2 = round(x - hi - lo),
 with the same weight tile goes into one fp32 accumulator (`split_dot`): the weight is read once, and
 the logits are as accurate as an fp32 matmul on the fp32 activation and the 16-bit weight. Pieces
 needed (measured against float64 at H = 6144, see tests/test_lm_head.py): fp32 activation with a
-bf16 weight, 3 (2 leave ~10x the fp32 head's error: x - hi - lo keeps 2^-17 of x); fp32 with fp16, 2
-(11-bit pieces); a 16-bit activation in the weight's dtype, 1 (exact as it is); the other 16-bit
-pairs, 2. fp16 pieces have a narrow exponent range, so with an fp16 weight each row of a wider
-activation is first scaled by a power of two (exact) to a maximum in [0.5, 1) and the logits scaled
-back. An fp32 weight takes a plain fp32 matmul.
+bf16 weight, 3 (2 leave ~10x the fp32 head's error: x - hi - lo keeps 2^-17 of x); fp16 with bf16,
+2 (11 bits into 8); fp32 with fp16, 2 (11-bit pieces); an activation in the weight's dtype, 1; bf16
+with fp16, 1 (8 bits fit in 11). fp16 pieces have a narrow exponent range, so with an fp16 weight
+each row of a wider activation is first scaled by a power of two (exact) to a maximum in [0.5, 1)
+and the logits scaled back; what then falls below fp16's subnormal spacing (2^-24 of the row's
+maximum) is below fp32's rounding of the largest products and no further piece could hold it. An
+fp32 weight takes a plain fp32 matmul.
 
 Backends: "triton" (CUDA; CPU tensors under TRITON_INTERPRET=1, where fp16 weights are the ones to
 test: the interpreter's bf16 dot is wrong) and "torch" (any device, the CPU default): fp32 matmuls
@@ -37,7 +39,7 @@ TORCH_CHUNK_BYTES = 256 << 20   # fp32 weight rows the torch path converts at a 
 # Pieces of the activation, by (activation dtype, weight dtype); see the module docstring.
 PIECES = {(torch.float32, torch.bfloat16): 3, (torch.float16, torch.bfloat16): 2,
           (torch.bfloat16, torch.bfloat16): 1, (torch.float32, torch.float16): 2,
-          (torch.bfloat16, torch.float16): 2, (torch.float16, torch.float16): 1}
+          (torch.bfloat16, torch.float16): 1, (torch.float16, torch.float16): 1}
 
 
 @triton.jit
