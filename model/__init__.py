@@ -12,6 +12,10 @@ _LAZY = {
     "replace_hf_modules": "hf",
     "convert_per_expert_state_dict": "checkpoint",
     "without_derived_buffers": "checkpoint",
+    "Engine": "engine",
+    "RequestOutput": "engine",
+    "CompletionOutput": "engine",
+    "SamplingParams": "sampling",
 }
 
 __all__ = ["M1Config", *_LAZY]

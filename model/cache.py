@@ -1,16 +1,24 @@
-"""Hybrid cache of MiniMax-M1: an fp32 lightning state per linear layer, a KV cache per softmax layer.
+"""Hybrid cache of MiniMax-M1: fp32 lightning states in slots, softmax-layer keys/values in pages.
 
-Slots hold sequences. Lightning layers keep one state `[slots, H, D, D]` in float32 (the state of the
-last layers barely decays and keeps growing: bf16 would lose it); softmax layers keep keys and values
-`[slots, Hkv, max_len, D]` in the model's dtype (head-major: each head's keys are contiguous, the
-layout attention kernels read). `seq_lens` (on the host: the generation loop knows
-every length without asking the device) counts the tokens each slot holds.
+Lightning layers keep one state per slot, `lightning_states[layer]` of shape `[slots, H, D, D]` in
+float32 (the state of the last layers barely decays and keeps growing: bf16 would lose it). Softmax
+layers keep keys and values in fixed-size pages, `keys[layer]` / `values[layer]` of shape
+`[num_pages, Hkv, page_size, D]` in the model's dtype; `block_tables[slot]` lists the pages of the
+sequence in that slot (token t of the sequence lives in page `block_tables[slot, t // page_size]` at
+offset `t % page_size`). Pages can be shared by several slots (the samples of one prompt, prefixes
+found in the prefix cache); who owns which page is the engine's bookkeeping (model/scheduler.py).
 
-A forward step over rows b = 0..B-1 appends the first `lengths[b]` tokens of row b to slot
-`slot_idx[b]`; `plan()` turns that into device index tensors once per step, shared by every layer.
+Two users:
+- the engine (model/engine.py) allocates pages itself and builds one `StepBatch` per forward;
+- `M1ForCausalLM.forward(ids, cache=...)` with a cache from `M1ForCausalLM.new_cache(num_slots, max_len)`:
+  every slot owns a fixed run of pages and `seq_lens` (on the host) counts its tokens; `plan()` turns one
+  call's (slot_idx, lengths) into a StepBatch.
+
+Forward steps run on packed tokens: the valid tokens of all sequences of a step, one after another.
 """
 
 import dataclasses
+import math
 
 import torch
 
@@ -18,79 +26,153 @@ from .config import M1Config
 
 
 @dataclasses.dataclass
-class StepPlan:
-    """Indices of one forward step, computed once and shared by all layers.
+class StepBatch:
+    """Device-side indices of one forward step over packed tokens, shared by every layer.
 
-    slot_idx [B] int32, positions [B, T] int64 (absolute position of every token), cu_seqlens [B + 1]
-    int32 (valid tokens packed row after row), valid [B, T] bool or None (all valid), key_len (keys a
-    softmax layer attends over), attention_mask [B, 1, T, key_len] bool or None, causal_from_zero
-    (every row starts empty and is full: plain causal attention), decode (T == 1, every row valid).
+    positions [T] int64: position of each packed token in its sequence.
+    cu_seqlens [N + 1] int32: sequence n owns packed tokens cu_seqlens[n] .. cu_seqlens[n + 1] - 1.
+    slot_idx [N] int32: the slot of each sequence (lightning state and block table); negative = padding
+        (no state change, no cache write, output ignored).
+    seq_lens [N] int32: tokens of each sequence in the cache once this step's are written.
+    block_table [N, max_pages] int32: the pages of each sequence.
+    slot_mapping [T] int64: where each packed token's key/value goes (page * page_size + offset; -1: nowhere).
+    decode: every sequence has exactly one token (the decode kernels run).
     """
-    slots: list
-    lengths: list
-    slot_idx: torch.Tensor
     positions: torch.Tensor
     cu_seqlens: torch.Tensor
-    valid: torch.Tensor | None
-    valid_rows: torch.Tensor | None
-    valid_cols: torch.Tensor | None
-    key_len: int
-    attention_mask: torch.Tensor | None
-    causal_from_zero: bool
+    slot_idx: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
     decode: bool
-    first_slot: int | None  # slots are first_slot, first_slot + 1, ...: cached keys are read as a view
-
-    def pack(self, h):
-        """[B, T, C] -> [1, valid tokens, C], rows one after another."""
-        if self.valid is None:
-            return h.reshape(1, -1, h.shape[-1])
-        return h[self.valid_rows, self.valid_cols][None]
-
-    def unpack(self, packed, shape):
-        """Inverse of pack; padding positions get zeros."""
-        if self.valid is None:
-            return packed.reshape(shape)
-        out = packed.new_zeros(shape)
-        out[self.valid_rows, self.valid_cols] = packed[0]
-        return out
 
 
 class HybridCache:
-    """Per-layer caches of a batch of sequences (see the module docstring).
+    """Lightning slots and KV pages of one model (see the module docstring).
 
     Args:
         config: the model's M1Config.
-        num_slots: how many sequences it can hold.
-        max_len: the most tokens one sequence may reach (sizes the KV caches).
-        dtype: dtype of the KV caches (lightning states are always float32).
-        device: where the caches live.
+        num_slots: how many sequences it holds at once (lightning states).
+        num_pages: KV pages per softmax layer.
+        page_size: tokens per page.
+        max_pages_per_seq: width of the block tables (max sequence length / page_size, rounded up).
+        dtype: dtype of the keys/values (lightning states are always float32).
+        device: where everything lives.
+        num_snapshots: extra lightning states for the engine's prefix cache (snapshots at block boundaries).
     """
 
-    def __init__(self, config: M1Config, num_slots: int, max_len: int, dtype=torch.bfloat16, device=None):
-        if num_slots < 1 or max_len < 1:
-            raise ValueError(f"num_slots and max_len must be positive, got {num_slots}, {max_len}")
+    def __init__(self, config: M1Config, num_slots: int, num_pages: int, page_size: int, max_pages_per_seq: int,
+                 dtype=torch.bfloat16, device=None, num_snapshots: int = 0):
+        for name, value in (("num_slots", num_slots), ("num_pages", num_pages), ("page_size", page_size),
+                            ("max_pages_per_seq", max_pages_per_seq)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         H, D, Hkv = config.num_attention_heads, config.head_dim, config.num_key_value_heads
-        self.num_slots, self.max_len = num_slots, max_len
+        self.config = config
+        self.num_slots, self.num_pages, self.page_size = num_slots, num_pages, page_size
+        self.max_pages_per_seq = max_pages_per_seq
         self.lightning_states = {i: torch.zeros(num_slots, H, D, D, dtype=torch.float32, device=device)
                                  for i in config.linear_layers}
-        self.keys = {i: torch.zeros(num_slots, Hkv, max_len, D, dtype=dtype, device=device) for i in config.full_layers}
+        self.snapshots = {i: torch.zeros(num_snapshots, H, D, D, dtype=torch.float32, device=device)
+                          for i in config.linear_layers}
+        self.keys = {i: torch.zeros(num_pages, Hkv, page_size, D, dtype=dtype, device=device)
+                     for i in config.full_layers}
         self.values = {i: torch.zeros_like(k) for i, k in self.keys.items()}
+        self.block_tables = torch.zeros(num_slots, max_pages_per_seq, dtype=torch.int32, device=device)
+        # plan() only (slot-owned pages): tokens per slot, on the host, and the most a slot may hold.
         self.seq_lens = torch.zeros(num_slots, dtype=torch.int64)
+        self.max_len = None
+
+    @staticmethod
+    def bytes_per_slot(config: M1Config) -> int:
+        """Bytes of one lightning slot (or snapshot): every linear layer's fp32 state."""
+        return len(config.linear_layers) * config.num_attention_heads * config.head_dim ** 2 * 4
+
+    @staticmethod
+    def bytes_per_page(config: M1Config, page_size: int, dtype) -> int:
+        """Bytes of one page in every softmax layer (keys and values)."""
+        elem = torch.empty(0, dtype=dtype).element_size()
+        return len(config.full_layers) * 2 * config.num_key_value_heads * page_size * config.head_dim * elem
+
+    @classmethod
+    def with_slot_pages(cls, config: M1Config, num_slots: int, max_len: int, page_size: int = 16,
+                        dtype=torch.bfloat16, device=None) -> "HybridCache":
+        """A cache in which slot s owns pages s * P .. s * P + P - 1 (P = max_len / page_size rounded up),
+        for `M1ForCausalLM.forward(ids, cache=...)`."""
+        if not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
+        per_slot = math.ceil(max_len / page_size)
+        cache = cls(config, num_slots, num_slots * per_slot, page_size, per_slot, dtype=dtype, device=device)
+        cache.max_len = max_len
+        cache.block_tables.copy_(torch.arange(num_slots * per_slot, dtype=torch.int32).view(num_slots, per_slot))
+        return cache
 
     def memory_bytes(self) -> int:
-        tensors = [*self.lightning_states.values(), *self.keys.values(), *self.values.values()]
+        tensors = [*self.lightning_states.values(), *self.snapshots.values(), *self.keys.values(),
+                   *self.values.values(), self.block_tables]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    # ------------------------------------------------------------------------------------------------
+    # Device-side building blocks (no host synchronisation: usable inside CUDA graphs)
+
+    def batch(self, positions, token_slots, cu_seqlens, slot_idx, seq_lens, decode: bool) -> StepBatch:
+        """A StepBatch from device tensors: positions [T] int64, token_slots [T] (the slot of each packed
+        token, negative = padding), cu_seqlens [N + 1], slot_idx [N] and seq_lens [N] (any int dtype)."""
+        P = self.page_size
+        slot_idx = slot_idx.to(torch.int32)
+        block_table = self.block_tables[slot_idx.clamp(min=0).long()]
+        token_slots = token_slots.long()
+        page = self.block_tables[token_slots.clamp(min=0), positions // P].long()
+        slot_mapping = torch.where(token_slots >= 0, page * P + positions % P, -1)
+        return StepBatch(positions, cu_seqlens.to(torch.int32), slot_idx, seq_lens.to(torch.int32), block_table,
+                         slot_mapping, decode)
+
+    def decode_batch(self, positions, slot_idx) -> StepBatch:
+        """One token per row: row b is the token at `positions[b]` of the sequence in slot `slot_idx[b]`."""
+        B = positions.shape[0]
+        cu = torch.arange(B + 1, dtype=torch.int32, device=positions.device)
+        seq_lens = torch.where(slot_idx >= 0, positions + 1, 0)       # padding rows read nothing
+        return self.batch(positions, slot_idx, cu, slot_idx, seq_lens, decode=True)
+
+    def zero_slots(self, slots):
+        """Empty the lightning states of `slots` (a device int64 tensor)."""
+        for state in self.lightning_states.values():
+            state.index_fill_(0, slots, 0.0)
+
+    def copy_slots(self, src, dst):
+        """Lightning states of slots `src` into slots `dst` (device int64 tensors of one length)."""
+        for state in self.lightning_states.values():
+            state.index_copy_(0, dst, state.index_select(0, src))
+
+    def save_snapshots(self, slots, snaps):
+        for layer, state in self.lightning_states.items():
+            self.snapshots[layer].index_copy_(0, snaps, state.index_select(0, slots))
+
+    def load_snapshots(self, snaps, slots):
+        for layer, state in self.lightning_states.items():
+            state.index_copy_(0, slots, self.snapshots[layer].index_select(0, snaps))
+
+    def copy_pages(self, src, dst):
+        """Keys/values of pages `src` into pages `dst` (device int64 tensors), every softmax layer."""
+        for pages in (*self.keys.values(), *self.values.values()):
+            pages.index_copy_(0, dst, pages.index_select(0, src))
+
+    # ------------------------------------------------------------------------------------------------
+    # The slot-owned use of forward(ids, cache=...)
 
     def reset(self, slots=None):
         """Empty the given slots (default: all)."""
         index = torch.as_tensor(range(self.num_slots) if slots is None else list(slots), dtype=torch.long)
-        for state in self.lightning_states.values():
-            state[index.to(state.device)] = 0.0
+        self.zero_slots(index.to(self.block_tables.device))
         self.seq_lens[index] = 0
 
-    # ------------------------------------------------------------------------------------------------
-    def plan(self, B: int, T: int, slot_idx, lengths, device) -> StepPlan:
-        """Validate one step's slots and lengths and build its device-side indices."""
+    def plan(self, B: int, T: int, slot_idx, lengths, device):
+        """Validate one forward call's rows (row b appends its first lengths[b] tokens to slot slot_idx[b])
+        and build its StepBatch. Returns (batch, rows, cols, end): packed token i is input_ids[rows[i], cols[i]];
+        end is one past the last position the step reaches."""
+        if self.max_len is None:
+            raise ValueError("forward(cache=...) needs a cache from M1ForCausalLM.new_cache (slot-owned pages); "
+                             "an engine's cache is driven by the engine")
         slots = list(range(B)) if slot_idx is None else [int(s) for s in _host_list("slot_idx", slot_idx)]
         lens = [T] * B if lengths is None else [int(n) for n in _host_list("lengths", lengths)]
         if len(slots) != B or len(lens) != B:
@@ -105,55 +187,26 @@ class HybridCache:
         totals = [a + n for a, n in zip(starts, lens)]
         if max(totals) > self.max_len:
             raise ValueError(f"a sequence would reach {max(totals)} tokens; the cache holds at most {self.max_len}")
-
-        slot_idx_d = torch.tensor(slots, dtype=torch.int32, device=device)
-        starts_d = torch.tensor(starts, dtype=torch.int64, device=device)
-        positions = starts_d[:, None] + torch.arange(T, device=device)[None, :]
+        keep = [b for b in range(B) if lens[b] > 0]           # rows without tokens take no part
+        rows = [b for b in keep for _ in range(lens[b])]
+        cols = [c for b in keep for c in range(lens[b])]
+        positions = [starts[b] + c for b, c in zip(rows, cols)]
         cu = [0]
-        for n in lens:
-            cu.append(cu[-1] + n)
-        cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=device)
-        all_valid = all(n == T for n in lens)
-        valid = rows = cols = None
-        if not all_valid:
-            valid = torch.arange(T, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
-            rows, cols = valid.nonzero(as_tuple=True)
-        key_len = max(totals)
-        decode = T == 1 and all_valid
-        causal_from_zero = all_valid and all(a == 0 for a in starts)
-        mask = None
-        if not causal_from_zero and not (decode and len(set(totals)) == 1):
-            j = torch.arange(key_len, device=device)
-            totals_d = torch.tensor(totals, device=device)
-            allowed = (j[None, None, :] <= positions[:, :, None]) & (j[None, None, :] < totals_d[:, None, None])
-            allowed[..., 0] = True  # padding queries of an empty row would see no key (NaN); valid ones see key 0 anyway
-            mask = allowed[:, None]
-        contiguous = slots == list(range(slots[0], slots[0] + B))
-        return StepPlan(slots, lens, slot_idx_d, positions, cu_seqlens, valid, rows, cols, key_len, mask,
-                        causal_from_zero, decode, slots[0] if contiguous else None)
+        for b in keep:
+            cu.append(cu[-1] + lens[b])
+        as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
+        token_slots = as_tensor([slots[b] for b in rows])
+        decode = all(lens[b] == 1 for b in keep)
+        batch = self.batch(as_tensor(positions), token_slots, as_tensor(cu), as_tensor([slots[b] for b in keep]),
+                           as_tensor([totals[b] for b in keep]), decode)
+        self._pending = [(slots[b], lens[b]) for b in keep]
+        return batch, as_tensor(rows), as_tensor(cols), max(totals)
 
-    def write_kv(self, layer: int, k, v, plan: StepPlan):
-        """Store this step's keys/values [B, T, Hkv, D] of `layer`; return the slots' keys and values
-        [B, Hkv, key_len, D] (a view when the slots are consecutive)."""
-        kc, vc = self.keys[layer], self.values[layer]
-        slot = plan.slot_idx.long()
-        # The two index tensors around the head slice put their broadcast shape first: [B, T, Hkv, D].
-        if plan.valid is None:
-            kc[slot[:, None], :, plan.positions] = k.to(kc.dtype)
-            vc[slot[:, None], :, plan.positions] = v.to(vc.dtype)
-        else:
-            r, c = plan.valid_rows, plan.valid_cols
-            kc[slot[r], :, plan.positions[r, c]] = k[r, c].to(kc.dtype)
-            vc[slot[r], :, plan.positions[r, c]] = v[r, c].to(vc.dtype)
-        if plan.first_slot is not None:
-            s = plan.first_slot
-            return kc[s:s + len(plan.slots), :, :plan.key_len], vc[s:s + len(plan.slots), :, :plan.key_len]
-        return kc[slot, :, :plan.key_len], vc[slot, :, :plan.key_len]
-
-    def advance(self, plan: StepPlan):
-        """Count the tokens a finished step appended."""
-        for s, n in zip(plan.slots, plan.lengths):
+    def advance(self):
+        """Count the tokens the step planned last appended."""
+        for s, n in self._pending:
             self.seq_lens[s] += n
+        self._pending = []
 
 
 def _host_list(name, value):

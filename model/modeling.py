@@ -16,13 +16,13 @@ Parameter names are those of `transformers`' MiniMaxForCausalLM (`model.layers.{
 ...); model/checkpoint.py also reads and writes the original release's names.
 
 Batches and caches: `forward(input_ids [B, T])` without a cache is the plain causal forward (right
-padding never leaks into earlier tokens). With a `HybridCache`, row b appends its first `lengths[b]`
-tokens to the sequence in slot `slot_idx[b]`: lightning layers pack the valid tokens of all rows into
-one varlen call that starts from, and writes back, each slot's fp32 state (T == 1 uses the decode op);
-softmax layers write their keys/values into the slot's KV cache and attend over everything cached so far.
+padding never leaks into earlier tokens). With a `HybridCache` (model/cache.py) the layers run on packed
+tokens described by a `StepBatch`: lightning layers make one varlen call that starts from, and writes
+back, each sequence's fp32 slot state (one token per sequence: the decode op); softmax layers write their
+keys/values into the sequence's pages and attend over everything cached so far (paged attention).
+`forward(input_ids, cache, slot_idx, lengths)` packs row b's first `lengths[b]` tokens onto slot
+`slot_idx[b]`; the engine (model/engine.py) builds its StepBatches itself and calls `M1Model` directly.
 """
-
-import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,9 @@ from torch import nn
 from m1_kernels.lightning_ops import LightningAttention
 from m1_kernels.moe_ops import SparseMoE
 
-from .cache import HybridCache, StepPlan
+from .cache import HybridCache, StepBatch
 from .config import LINEAR, M1Config
+from .paged_attention import paged_attention_decode, paged_attention_prefill, write_kv
 
 
 class RMSNorm(nn.Module):
@@ -73,9 +74,11 @@ def apply_partial_rotary(x, cos, sin):
 class SoftmaxAttention(nn.Module):
     """Causal GQA softmax attention with partial RoPE; keys/values go to the cache when there is one."""
 
-    def __init__(self, config: M1Config, layer_idx: int):
+    def __init__(self, config: M1Config, layer_idx: int, backend=None):
         super().__init__()
         self.layer_idx = layer_idx
+        # the paged-attention kernels have "triton" and "torch" backends; "cuda" models take their default
+        self.backend = backend if backend in ("triton", "torch") else None
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         hidden, d = config.hidden_size, config.head_dim
@@ -84,7 +87,8 @@ class SoftmaxAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(self.num_heads * d, hidden, bias=False)
 
-    def forward(self, x, cos, sin, cache: HybridCache | None = None, plan: StepPlan | None = None):
+    def forward(self, x, cos, sin, cache: HybridCache | None = None, batch: StepBatch | None = None):
+        """x [B, T, hidden] without a cache; packed tokens [1, T, hidden] with one (cos/sin alike)."""
         B, T, _ = x.shape
         q = apply_partial_rotary(self.q_proj(x).view(B, T, self.num_heads, self.head_dim), cos, sin)
         k = apply_partial_rotary(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim), cos, sin)
@@ -92,12 +96,17 @@ class SoftmaxAttention(nn.Module):
         if cache is None:
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                is_causal=True, enable_gqa=True)
+            return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        k_pages, v_pages = cache.keys[self.layer_idx], cache.values[self.layer_idx]
+        write_kv(k[0], v[0], k_pages, v_pages, batch.slot_mapping, backend=self.backend)
+        scale = self.head_dim ** -0.5
+        if batch.decode:
+            o = paged_attention_decode(q[0], k_pages, v_pages, batch.block_table, batch.seq_lens, scale,
+                                       backend=self.backend)
         else:
-            keys, values = cache.write_kv(self.layer_idx, k, v, plan)        # [B, Hkv, L, D] each
-            mask = plan.attention_mask
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=plan.causal_from_zero and mask is None,
-                                               enable_gqa=True)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+            o = paged_attention_prefill(q[0], k_pages, v_pages, batch.block_table, batch.cu_seqlens, batch.seq_lens,
+                                        scale, backend=self.backend)
+        return self.o_proj(o.reshape(B, T, -1))
 
 
 class DecoderLayer(nn.Module):
@@ -115,26 +124,24 @@ class DecoderLayer(nn.Module):
                                                 norm_eps=config.lightning_norm_eps, backend=backend)
             self.attn_alpha, self.attn_beta = config.linear_attn_alpha, config.linear_attn_beta
         else:
-            self.self_attn = SoftmaxAttention(config, layer_idx)
+            self.self_attn = SoftmaxAttention(config, layer_idx, backend)
             self.attn_alpha, self.attn_beta = config.full_attn_alpha, config.full_attn_beta
         self.mlp = SparseMoE(config.hidden_size, config.intermediate_size, config.num_local_experts,
                              config.num_experts_per_tok, backend=backend)
         self.mlp_alpha, self.mlp_beta = config.mlp_alpha, config.mlp_beta
 
-    def _lightning(self, h, cache, plan):
+    def _lightning(self, h, cache, batch):
         if cache is None:
             return self.self_attn(h)
         state = cache.lightning_states[self.layer_idx]
-        if plan.decode:                                       # one token per row: the decode op
-            return self.self_attn(h, state=state, slot_idx=plan.slot_idx)
-        # Prefill that continues each slot: the valid tokens of all rows, packed into one varlen call.
-        packed = plan.pack(h)
-        out = self.self_attn(packed, state=state, slot_idx=plan.slot_idx, cu_seqlens=plan.cu_seqlens)
-        return plan.unpack(out, h.shape)
+        if batch.decode:                                      # one token per sequence: the decode op
+            return self.self_attn(h.transpose(0, 1), state=state, slot_idx=batch.slot_idx).transpose(0, 1)
+        # Prefill that continues each slot: the packed tokens of all sequences in one varlen call.
+        return self.self_attn(h, state=state, slot_idx=batch.slot_idx, cu_seqlens=batch.cu_seqlens)
 
-    def forward(self, x, cos, sin, cache=None, plan=None):
+    def forward(self, x, cos, sin, cache=None, batch=None):
         h = self.input_layernorm(x)
-        attn = self._lightning(h, cache, plan) if self.is_linear else self.self_attn(h, cos, sin, cache, plan)
+        attn = self._lightning(h, cache, batch) if self.is_linear else self.self_attn(h, cos, sin, cache, batch)
         h = self.attn_alpha * h + self.attn_beta * attn
         h = self.post_attention_layernorm(h)
         return self.mlp_alpha * h + self.mlp_beta * self.mlp(h)
@@ -150,14 +157,20 @@ class M1Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i, backend) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids, cache=None, plan=None):
+    def forward(self, input_ids, cache=None, batch=None):
+        """Final hidden states: of input_ids [B, T] without a cache, of the packed tokens [T] of a StepBatch
+        (shape [T, hidden]) with one."""
+        if cache is not None:
+            input_ids, positions = input_ids[None], batch.positions[None]
+        else:
+            B, T = input_ids.shape
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
-        B, T = input_ids.shape
-        positions = (torch.arange(T, device=input_ids.device).expand(B, T) if plan is None else plan.positions)
         cos, sin = rotary_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta)
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, plan)
-        return self.norm(x)
+            x = layer(x, cos, sin, cache, batch)
+        x = self.norm(x)
+        return x[0] if cache is not None else x
 
 
 class M1ForCausalLM(nn.Module):
@@ -209,25 +222,37 @@ class M1ForCausalLM(nn.Module):
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
-        plan = None
         if cache is not None:
-            plan = cache.plan(B, T, slot_idx, lengths, input_ids.device)
+            batch, rows, cols, _ = cache.plan(B, T, slot_idx, lengths, input_ids.device)
         elif slot_idx is not None:
             raise ValueError("slot_idx needs a cache")
-        # A cached step is inference (the cache is written in place): it never records autograd.
-        with torch.no_grad() if cache is not None else contextlib.nullcontext():
-            hidden = self.model(input_ids, cache, plan)
-            if last_token_only:
-                last = torch.full((B,), T - 1, dtype=torch.long) if lengths is None else \
-                    torch.as_tensor(lengths, dtype=torch.long) - 1
-                if (last < 0).any():
-                    raise ValueError("last_token_only needs at least one token in every row")
+        last = None
+        if last_token_only:
+            last = torch.full((B,), T - 1, dtype=torch.long) if lengths is None else \
+                torch.as_tensor(lengths, dtype=torch.long) - 1
+            if (last < 0).any():
+                raise ValueError("last_token_only needs at least one token in every row")
+        if cache is None:
+            hidden = self.model(input_ids)
+            if last is not None:
                 hidden = hidden[torch.arange(B, device=hidden.device), last.to(hidden.device)]
-            if cache is not None:
-                cache.advance(plan)
-            if self.config.lm_head_fp32:
-                return F.linear(hidden.float(), self.lm_head.weight.float())
-            return self.lm_head(hidden)
+            return self._logits(hidden)
+        # A cached step is inference (the cache is written in place): it never records autograd. The
+        # layers see the valid tokens packed ([N] ids); logits go back to the [B, T] grid.
+        with torch.no_grad():
+            hidden = self.model(input_ids[rows, cols], cache, batch)
+            cache.advance()
+            if last is not None:                              # each row's last token is its last packed one
+                return self._logits(hidden[torch.cumsum(last.to(hidden.device) + 1, 0) - 1])
+            packed = self._logits(hidden)
+            logits = packed.new_zeros(B, T, packed.shape[-1])
+            logits[rows, cols] = packed
+            return logits
+
+    def _logits(self, hidden):
+        if self.config.lm_head_fp32:
+            return F.linear(hidden.float(), self.lm_head.weight.float())
+        return self.lm_head(hidden)
 
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -237,10 +262,11 @@ class M1ForCausalLM(nn.Module):
             p.data = p.data.to(dtype)
         return self
 
-    def new_cache(self, num_slots: int, max_len: int) -> HybridCache:
-        """An empty HybridCache for this model's config, dtype and device."""
+    def new_cache(self, num_slots: int, max_len: int, page_size: int = 16) -> HybridCache:
+        """An empty HybridCache for forward(ids, cache=...): `num_slots` sequences of up to `max_len` tokens,
+        each slot owning its pages (the engine sizes and shares pages itself)."""
         w = self.lm_head.weight
-        return HybridCache(self.config, num_slots, max_len, dtype=w.dtype, device=w.device)
+        return HybridCache.with_slot_pages(self.config, num_slots, max_len, page_size, dtype=w.dtype, device=w.device)
 
     def parameter_counts(self) -> dict:
         """{"total", "non_embedding", "active"}: all parameters; without embeddings and LM head; and those
@@ -270,7 +296,26 @@ class M1ForCausalLM(nn.Module):
         from .checkpoint import save_pretrained
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes, names=names)
 
-    def generate(self, prompts, **kwargs):
-        """Batched generation with token log-probabilities; see model.generate.generate."""
-        from .generate import generate
-        return generate(self, prompts, **kwargs)
+    def generate(self, prompts, sampling_params=None, **engine_kwargs) -> list:
+        """Generate with a one-off Engine sized for these prompts (no CUDA graphs, no prefix cache unless
+        asked): one RequestOutput per prompt (model/engine.py). For repeated calls, build an Engine once.
+
+        Args:
+            prompts: a list of token-id lists.
+            sampling_params: a SamplingParams, one per prompt, or None (the defaults).
+            engine_kwargs: Engine arguments overriding the sizes chosen here.
+        """
+        from .engine import Engine
+        from .sampling import SamplingParams
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        if isinstance(prompts, (list, tuple)):     # size the engine; Engine.generate checks the inputs
+            listed = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+            sizes = [(len(p), q.n, q.max_tokens) for p, q in zip(prompts, listed)
+                     if isinstance(p, (list, tuple)) and isinstance(q, SamplingParams)]
+            page = 16
+            engine_kwargs = dict(
+                max_num_seqs=max(1, min(256, sum(n for _, n, _ in sizes))), page_size=page,
+                max_model_len=min(self.config.max_position_embeddings, max((L + m for L, _, m in sizes), default=2)),
+                num_pages=max(1, sum(-(-L // page) + n * -(-(L % page + m) // page) for L, n, m in sizes)),
+                cuda_graphs=False, enable_prefix_caching=False) | engine_kwargs
+        return Engine(self, **engine_kwargs).generate(prompts, params)

@@ -1,5 +1,5 @@
 """The MiniMax-M1 model on the CPU (torch backend, tiny configs): equivalence with `transformers`,
-drop-in replacement, hybrid cache, checkpoints, generation, partial rotary, parameter counts."""
+drop-in replacement, hybrid cache, checkpoints, partial rotary, parameter counts (generation: test_engine.py)."""
 
 import json
 import os
@@ -11,9 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from m1_kernels.lightning_ops import LightningAttention
-from m1_kernels.model import M1Config, M1ForCausalLM, replace_hf_modules
+from m1_kernels.model import M1Config, M1ForCausalLM, SamplingParams, replace_hf_modules
 from m1_kernels.moe_ops import SparseMoE
-from m1_kernels.model.generate import generate, main as generate_main, sample_next
 from m1_kernels.model.modeling import SoftmaxAttention, rotary_cos_sin, apply_partial_rotary
 from m1_kernels.reference import attention as RA
 
@@ -69,7 +68,8 @@ def test_transformers_checkpoint_gives_same_logits_and_greedy_tokens(hf_checkpoi
     prompt = ids[:, :12]
     hf_tokens = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False,
                             pad_token_id=0)[:, 12:]
-    assert ours.generate(prompt.tolist(), max_new_tokens=10).tokens == hf_tokens.tolist()
+    outs = ours.generate(prompt.tolist(), SamplingParams(temperature=0.0, max_tokens=10))
+    assert [o.outputs[0].token_ids for o in outs] == hf_tokens.tolist()
 
 
 def test_replace_hf_modules_keeps_logits_and_shares_weights():
@@ -304,85 +304,6 @@ def test_checkpoint_missing_files(tmp_path):
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         M1ForCausalLM.from_pretrained(tmp_path)
-
-
-# ------------------------------------------------------------------------------------------------------
-# Generation
-
-def test_greedy_generation_follows_the_full_forward():
-    model = tiny_model(seed=1)
-    prompts = [[5, 9, 2, 7, 7, 1], [3], [8, 8, 8]]
-    out = generate(model, prompts, max_new_tokens=6)
-    assert out.finish_reasons == ["length"] * 3
-    with torch.no_grad():
-        for p, toks, lps in zip(prompts, out.tokens, out.logprobs):
-            seq = torch.tensor([p + toks])
-            logp = torch.log_softmax(model(seq)[0].float(), dim=-1)
-            for i, t in enumerate(toks):
-                row = logp[len(p) - 1 + i]
-                assert t == int(row.argmax())
-                assert abs(lps[i] - row[t].item()) <= 1e-5
-
-
-def test_sampling_is_reproducible_and_logprobs_are_of_the_raw_model():
-    model = tiny_model(seed=2)
-    kw = dict(max_new_tokens=5, temperature=1.3, top_k=20, top_p=0.9)
-    a = generate(model, [[1, 2, 3], [4]], generator=torch.Generator().manual_seed(0), **kw)
-    b = generate(model, [[1, 2, 3], [4]], generator=torch.Generator().manual_seed(0), **kw)
-    assert a.tokens == b.tokens and a.logprobs == b.logprobs
-    with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([[1, 2, 3] + a.tokens[0]]))[0].float(), dim=-1)
-    assert all(abs(lp - logp[2 + i, t].item()) <= 1e-5 for i, (t, lp) in enumerate(zip(a.tokens[0], a.logprobs[0])))
-
-
-def test_stop_tokens_end_rows_and_are_kept():
-    model = tiny_model(seed=1)
-    free = generate(model, [[5, 9, 2], [3, 3]], max_new_tokens=6)
-    stop = free.tokens[0][2]
-    out = generate(model, [[5, 9, 2], [3, 3]], max_new_tokens=6, stop_tokens=[stop])
-    assert out.tokens[0] == free.tokens[0][:3] and out.finish_reasons[0] == "stop"
-    first = free.tokens[1].index(stop) + 1 if stop in free.tokens[1] else 6
-    assert out.tokens[1] == free.tokens[1][:first]
-
-
-def test_repetition_stop():
-    model = tiny_model(seed=1)
-    out = generate(model, [[1, 2]], max_new_tokens=10, repetition_stop=(4, 0.0))
-    assert out.finish_reasons == ["repetition"] and len(out.tokens[0]) == 4
-    out = generate(model, [[1, 2]], max_new_tokens=10, repetition_stop=(2, 0.999999))
-    assert out.finish_reasons == ["length"] and len(out.tokens[0]) == 10
-
-
-def test_sample_next_filters():
-    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0]]).repeat(2000, 1)
-    g = torch.Generator().manual_seed(0)
-    assert set(sample_next(logits, 1.0, top_k=2, generator=g).tolist()) == {1, 2}
-    probs = torch.softmax(logits[0], -1)                      # 0.64, 0.24, ...: top_p 0.7 keeps two tokens
-    assert probs[1] < 0.7 < probs[1] + probs[2]
-    assert set(sample_next(logits, 1.0, top_p=0.7, generator=g).tolist()) == {1, 2}
-    assert set(sample_next(logits, 1.0, top_p=0.5, generator=g).tolist()) == {1}
-    assert torch.equal(sample_next(logits, 0.0), torch.ones(2000, dtype=torch.long))
-    with pytest.raises(ValueError, match="top_p"):
-        sample_next(logits, 1.0, top_p=0.0)
-
-
-def test_generation_rejects_bad_arguments():
-    model = tiny_model()
-    with pytest.raises(ValueError, match="non-empty"):
-        generate(model, [[1], []])
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        generate(model, [[1]], max_new_tokens=0)
-    with pytest.raises(ValueError, match="repetition_stop"):
-        generate(model, [[1]], repetition_stop=(0, 0.5))
-
-
-def test_command_line(capsys, tmp_path):
-    generate_main(["--preset", "tiny", "--prompt", "1,2,3", "--prompt", "4", "--max-new-tokens", "3"])
-    text = capsys.readouterr().out
-    assert "prompt [1, 2, 3] ->" in text and "tokens/s" in text
-    tiny_model().save_pretrained(tmp_path)
-    generate_main(["--checkpoint", str(tmp_path), "--max-new-tokens", "2", "--temperature", "0.7"])
-    assert "prompt [1, 2, 3, 4] ->" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------------

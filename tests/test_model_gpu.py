@@ -84,11 +84,11 @@ def test_prefill_then_decode_bf16_kernels(config):
 
 
 def test_generation_bf16_kernels():
+    from m1_kernels.model import SamplingParams
     _, _, ours = models(SMALL, seed=2)
-    out = ours.generate([[1, 2, 3], [4] * 40], max_new_tokens=16, temperature=0.8, top_p=0.9,
-                        generator=torch.Generator("cuda").manual_seed(0))
-    assert [len(t) for t in out.tokens] == [16, 16]
-    assert all(lp <= 0 for row in out.logprobs for lp in row)
+    outs = ours.generate([[1, 2, 3], [4] * 40], SamplingParams(temperature=0.8, top_p=0.9, max_tokens=16, seed=0))
+    assert [len(o.outputs[0].token_ids) for o in outs] == [16, 16]
+    assert all(lp <= 0 for o in outs for lp in o.outputs[0].logprobs)
 
 
 def test_replace_hf_modules_bf16_kernels():
