@@ -1,7 +1,7 @@
-"""The grouped-GEMM kernel compiles for Hopper (sm_90) on any machine, GPU or not, to what the
-performance design needs: cp.async multi-stage pipelines feeding wgmma for the large tiles, and shared
-memory within the 227 KB an H100 block may use. This catches GPU-only compile errors and a silently
-unpipelined K loop before the GPU run.
+"""The grouped-GEMM kernel and the few-token kernels compile for Hopper (sm_90) on any machine, GPU or
+not, to what the performance design needs: cp.async multi-stage pipelines feeding wgmma for the large
+tiles, and shared memory within the 227 KB an H100 block may use. This catches GPU-only compile errors
+and a silently unpipelined K loop before the GPU run.
 
 Compilation runs in a subprocess without TRITON_INTERPRET (the interpreter, which the CPU tests use,
 replaces triton.language's functions for the whole process)."""
@@ -65,15 +65,68 @@ def compile_report(regime, epilogue, layout, tma):
                 tma_copies=ops["ttng.async_tma_copy_global_to_local"])
 
 
+# Few-token kernels at M1 width: every config the autotuner may try where its tiles are largest (an
+# expert with 64 rows), the first one with a single row.
+FEW_TOKEN_CASES = [(kernel, rows) for kernel in ("gate_up_kernel", "down_kernel") for rows in (64, 16)]
+
+
+def few_token_reports(kernel_name, block_m):
+    """Compile the configs the pruning keeps for a bf16 launch at H6144 F9216 with an expert's rows
+    padded to block_m (all of them at 64 rows, the first at fewer)."""
+    import torch
+
+    from m1_kernels.moe_ops.triton import few_token as FT
+
+    gate_up = kernel_name == "gate_up_kernel"
+    tile = "BLOCK_F" if gate_up else "BLOCK_N"
+    kept = FT._prune(2 if gate_up else 1)(FT._configs(False, tile), dict(w_ptr=torch.empty(0, dtype=torch.bfloat16)),
+                                          BLOCK_M=block_m)
+    return [_few_token_report(kernel_name, block_m, config) for config in (kept if block_m >= 64 else kept[:1])]
+
+
+def _few_token_report(kernel_name, block_m, config):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from m1_kernels.moe_ops.triton import few_token as FT
+
+    gate_up = kernel_name == "gate_up_kernel"
+    fn = getattr(FT, kernel_name)
+    while not isinstance(fn, triton.runtime.jit.JITFunction):
+        fn = fn.fn
+    names = fn.arg_names
+    constexprs = dict(DOT_PRECISION="tf32", BLOCK_M=block_m, EVEN_K=True, **config.kwargs)
+    if gate_up:
+        constexprs.update(TOP_K=2, stride_wh=1)
+        pointers = dict(x_ptr="*bf16", w_ptr="*bf16", h_ptr="*bf16")
+        divisible = {"H", "F", "stride_xn", "stride_we", "stride_wf", "stride_hm"}
+    else:
+        constexprs.update(stride_wf=1)
+        pointers = dict(h_ptr="*bf16", w_ptr="*bf16", weights_ptr="*fp32", ys_ptr="*fp32")
+        divisible = {"H", "F", "stride_hm", "stride_we", "stride_wh", "stride_ys"}
+    pointers.update(sorted_idx_ptr="*i32", offsets_ptr="*i32", active_ptr="*i32")
+    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible | set(pointers)})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    ops = collections.Counter(re.findall(r"ttng\.warp_group_dot\b|ttg\.async_copy_global_to_local", kernel.asm["ttgir"]))
+    return dict(config=str(config), shared=kernel.metadata.shared, wgmma=ops["ttng.warp_group_dot"],
+                async_copies=ops["ttg.async_copy_global_to_local"])
+
+
 @pytest.fixture(scope="module")
 def reports():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import json, sys; sys.path.insert(0, 'tests'); import test_moe_compile as t; "
-            f"print(json.dumps([t.compile_report(*c) for c in t.CASES]))")
+            "print(json.dumps([[t.compile_report(*c) for c in t.CASES], "
+            "[t.few_token_reports(*c) for c in t.FEW_TOKEN_CASES]]))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return dict(zip(CASES, json.loads(done.stdout.strip().splitlines()[-1])))
+    grouped, few_token = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**dict(zip(CASES, grouped)), **dict(zip(FEW_TOKEN_CASES, few_token))}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{r}-epilogue{e}-{l}-{'tma' if t else 'ptr'}" for r, e, l, t in CASES])
@@ -84,3 +137,13 @@ def test_m1_config_compiles_pipelined_for_hopper(reports, case):
     assert (r["tma_copies"] > 0) == case[3], f"{r['config']}: TMA copies {r['tma_copies']} with TMA={case[3]}"
     if r["block_m"] >= 64:
         assert r["wgmma"] > 0, f"{r['config']}: no wgmma"
+
+
+@pytest.mark.parametrize("case", FEW_TOKEN_CASES, ids=[f"{k}-rows{r}" for k, r in FEW_TOKEN_CASES])
+def test_few_token_configs_compile_pipelined_for_hopper(reports, case):
+    assert reports[case], "the pruning keeps no config"
+    for r in reports[case]:
+        assert r["shared"] <= H100_SMEM, f"{r['config']} needs {r['shared']} B of shared memory"
+        assert r["async_copies"] > 0, f"{r['config']}: the weight stream is not pipelined (no cp.async)"
+        if case[1] >= 64:
+            assert r["wgmma"] > 0, f"{r['config']}: no wgmma"

@@ -57,8 +57,10 @@ def _configs(interpreted, tile_name):
     if interpreted:  # one small config: the interpreter runs every element
         return [triton.Config({tile_name: 16, "BLOCK_K": 32}, num_warps=4)]
     # Narrow output tiles give thousands of programs (the weight stream needs every SM busy, with no
-    # tail wave of a few programs); long K tiles give 16-byte loads of 256-512 contiguous bytes.
-    shapes = [(32, 256, 4, 4), (16, 256, 4, 5), (64, 128, 4, 4), (32, 128, 4, 6), (16, 512, 4, 3), (64, 256, 8, 3)]
+    # tail wave of a few programs); long K tiles give 16-byte loads of 256-512 contiguous bytes; the
+    # last two fit two or three programs per SM (the others one, with deeper pipelines).
+    shapes = [(32, 256, 4, 4), (16, 256, 4, 5), (64, 128, 4, 4), (32, 128, 4, 6), (16, 512, 4, 3), (64, 256, 8, 3),
+              (16, 256, 4, 3), (32, 128, 4, 3)]
     return [triton.Config({tile_name: n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in shapes]
 
 
@@ -96,7 +98,7 @@ def gate_up_kernel(x_ptr, w_ptr, sorted_idx_ptr, offsets_ptr, active_ptr, h_ptr,
     end = tl.load(offsets_ptr + e + 1)
     rows = start + tl.arange(0, BLOCK_M)
     row_mask = rows < end
-    # Padding rows read token 0's row (always there) and are dropped by the masked store.
+    # Padding rows (most of the tile with one token) are masked: they cost no memory traffic.
     token = tl.load(sorted_idx_ptr + rows, mask=row_mask, other=0) // TOP_K
     fs = (pid % f_tiles) * BLOCK_F + tl.arange(0, BLOCK_F)
     w_rows = tl.minimum(fs, F - 1).to(tl.int64)
@@ -108,12 +110,12 @@ def gate_up_kernel(x_ptr, w_ptr, sorted_idx_ptr, offsets_ptr, active_ptr, h_ptr,
     acc_u = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         if EVEN_K:
-            xt = tl.load(x_ptrs)
+            xt = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
             g = tl.load(g_ptrs)
             u = tl.load(u_ptrs)
         else:
             k_mask = ks < H - k0
-            xt = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+            xt = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             g = tl.load(g_ptrs, mask=k_mask[None, :], other=0.0)
             u = tl.load(u_ptrs, mask=k_mask[None, :], other=0.0)
         acc_g = tl.dot(xt, tl.trans(g), acc_g, input_precision=DOT_PRECISION)
@@ -144,20 +146,19 @@ def down_kernel(h_ptr, w_ptr, sorted_idx_ptr, offsets_ptr, active_ptr, weights_p
     end = tl.load(offsets_ptr + e + 1)
     rows = start + tl.arange(0, BLOCK_M)
     row_mask = rows < end
-    h_rows = tl.minimum(rows, end - 1).to(tl.int64)  # padding repeats the last row; the store drops it
     ns = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     w_rows = tl.minimum(ns, H - 1).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
-    h_ptrs = h_ptr + h_rows[:, None] * stride_hm + ks[None, :]
+    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + ks[None, :]
     w_ptrs = w_ptr + e.to(tl.int64) * stride_we + w_rows[:, None] * stride_wh + ks[None, :] * stride_wf
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, F, BLOCK_K):
         if EVEN_K:
-            ht = tl.load(h_ptrs)
+            ht = tl.load(h_ptrs, mask=row_mask[:, None], other=0.0)
             w = tl.load(w_ptrs)
         else:
             k_mask = ks < F - k0
-            ht = tl.load(h_ptrs, mask=k_mask[None, :], other=0.0)
+            ht = tl.load(h_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
         acc = tl.dot(ht, tl.trans(w), acc, input_precision=DOT_PRECISION)
         h_ptrs += BLOCK_K
