@@ -202,12 +202,35 @@ class M1ForCausalLM(nn.Module):
             else:
                 p.normal_(0.0, std)
 
+    def _check_input_ids(self, input_ids, decode_step: bool):
+        """Type, shape and range of forward's input_ids. The range check reads the ids on the host: free
+        for CPU tensors; for GPU ones one synchronisation per forward, so it is skipped on one-token cached
+        steps (decode: the generation loop feeds back ids it sampled from the vocabulary), during CUDA graph
+        capture and under torch.compile, where the embedding's device-side assert is the guard left."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a tensor [B, T] of token ids, got {type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must hold int64 or int32 token ids, got {input_ids.dtype}")
+        if input_ids.ndim != 2 or input_ids.numel() == 0:
+            raise ValueError(f"input_ids must be [B, T] with B, T >= 1, got shape {tuple(input_ids.shape)}")
+        device = input_ids.device.type
+        if device == "meta" or torch.compiler.is_compiling():
+            return
+        if device == "cuda" and (decode_step or torch.cuda.is_current_stream_capturing()):
+            return
+        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"input_ids must lie in [0, vocab_size = {self.config.vocab_size}), "
+                             f"got values in [{lo}, {hi}]")
+
     def forward(self, input_ids, cache: HybridCache | None = None, slot_idx=None, lengths=None,
                 last_token_only: bool = False):
         """Logits of a batch of token ids.
 
         Args:
-            input_ids: [B, T] int64, right-padded when rows have different lengths.
+            input_ids: [B, T] int64 (or int32) ids in [0, vocab_size), B, T >= 1, right-padded when rows
+                have different lengths. Positions (the cached length plus T) may not pass the config's
+                max_position_embeddings. The id range is read on the host (see _check_input_ids).
             cache: a HybridCache to continue from and to append to (None: a plain full forward). A cached
                 step is inference and runs without autograd.
             slot_idx: cache slot of each row ([B] ints, host list or CPU tensor; default 0..B-1).
@@ -219,13 +242,17 @@ class M1ForCausalLM(nn.Module):
             logits [B, T, vocab] (or [B, vocab] with last_token_only); float32 when config.lm_head_fp32,
             else the model's dtype.
         """
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        self._check_input_ids(input_ids, decode_step=cache is not None and input_ids.shape[-1:] == (1,))
         B, T = input_ids.shape
         if cache is not None:
-            batch, rows, cols, _ = cache.plan(B, T, slot_idx, lengths, input_ids.device)
+            batch, rows, cols, positions = cache.plan(B, T, slot_idx, lengths, input_ids.device)
         elif slot_idx is not None:
             raise ValueError("slot_idx needs a cache")
+        else:
+            positions = T                                     # one past the last position of this step
+        if positions > self.config.max_position_embeddings:
+            raise ValueError(f"input_ids reach position {positions - 1} (cached tokens plus T = {T}), past the "
+                             f"config's max_position_embeddings = {self.config.max_position_embeddings}")
         last = None
         if last_token_only:
             last = torch.full((B,), T - 1, dtype=torch.long) if lengths is None else \
@@ -257,7 +284,10 @@ class M1ForCausalLM(nn.Module):
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def cast_parameters(self, dtype) -> "M1ForCausalLM":
-        """Cast the parameters only: buffers (fp32 decay rates of the lightning layers) keep their dtype."""
+        """Cast the parameters only: buffers (fp32 decay rates of the lightning layers) keep their dtype.
+        dtype: a torch dtype or its name ("bfloat16", ...)."""
+        from .checkpoint import parse_dtype
+        dtype = parse_dtype(dtype)
         for p in self.parameters():
             p.data = p.data.to(dtype)
         return self
@@ -287,12 +317,17 @@ class M1ForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None, backend=None) -> "M1ForCausalLM":
-        """Load a safetensors checkpoint folder (single file or sharded, either naming scheme)."""
+        """Load a local safetensors checkpoint folder (single file or sharded, either naming scheme).
+
+        dtype: a torch dtype or its name as `transformers` takes it ("bfloat16", "float32", ...); None or
+        "auto": the config's torch_dtype, else the stored weights' dtype. device: where the parameters go.
+        backend: the kernel backend of the lightning and MoE ops (None: the default dispatch)."""
         from .checkpoint import load_pretrained
         return load_pretrained(cls, path, dtype=dtype, device=device, backend=backend)
 
     def save_pretrained(self, path, max_shard_bytes: int = 5 << 30, names: str = "original"):
-        """Write config.json and safetensors shards (original release's names by default)."""
+        """Write config.json and safetensors shards of at most max_shard_bytes, in the original release's names
+        (names="original") or `transformers`' (names="transformers"); earlier weight files in `path` go."""
         from .checkpoint import save_pretrained
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes, names=names)
 

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from m1_kernels.lightning_ops import LightningAttention
 from m1_kernels.model import M1Config, M1ForCausalLM, SamplingParams, replace_hf_modules
 from m1_kernels.moe_ops import SparseMoE
+from m1_kernels.model.checkpoint import convert_per_expert_state_dict
 from m1_kernels.model.modeling import SoftmaxAttention, rotary_cos_sin, apply_partial_rotary
 from m1_kernels.reference import attention as RA
 
@@ -134,6 +135,23 @@ def test_replace_hf_modules_rejects_other_models():
         replace_hf_modules(torch.nn.Linear(2, 2))
 
 
+def test_a_transformers_state_dict_loads_into_the_swapped_model():
+    """The swapped lightning layers derive their decay buffers; a transformers state dict (which holds them)
+    still loads strictly, and restores the weights."""
+    hf = hf_tiny(seed=7)
+    saved = {k: v.clone() for k, v in hf.state_dict().items()}
+    assert "model.layers.0.self_attn.slope_rate" in saved
+    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(7))
+    replace_hf_modules(hf)
+    assert "model.layers.0.self_attn.slope_rate" not in hf.state_dict()
+    with torch.no_grad():
+        before = hf(ids).logits
+        for p in hf.parameters():
+            p.zero_()
+        hf.load_state_dict(saved, strict=True)
+        assert torch.equal(hf(ids).logits, before)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Partial rotary and softmax attention against reference/attention.py
 
@@ -237,6 +255,10 @@ def test_cache_state_is_fp32_and_kv_in_model_dtype():
 # ------------------------------------------------------------------------------------------------------
 # Checkpoints
 
+PARTIAL_ROTARY_WARNING = "ignore:rotary_dim 8 < head_dim 16"     # tiny in transformers' names: expected
+
+
+@pytest.mark.filterwarnings(PARTIAL_ROTARY_WARNING)
 @pytest.mark.parametrize("names", ["original", "transformers"])
 @pytest.mark.parametrize("shard_bytes", [1 << 30, 40_000])
 def test_checkpoint_round_trip(names, shard_bytes, tmp_path):
@@ -260,6 +282,18 @@ def test_checkpoint_round_trip(names, shard_bytes, tmp_path):
     back = M1ForCausalLM.from_pretrained(tmp_path, backend="torch")
     for (n1, p1), (n2, p2) in zip(model.named_parameters(), back.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+def test_transformers_loads_what_we_save_in_its_names(tmp_path):
+    from transformers import MiniMaxForCausalLM
+    model = tiny_model("tiny-full-rotary", seed=6)
+    model.save_pretrained(tmp_path, names="transformers")
+    hf = MiniMaxForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert relative_error(hf(ids).logits, model(ids)) <= 1e-4
+    with pytest.warns(UserWarning, match="ignores partial_rotary_factor"):
+        tiny_model("tiny").save_pretrained(tmp_path / "partial", names="transformers")
 
 
 def test_checkpoint_dtype_and_device(tmp_path):
@@ -304,6 +338,74 @@ def test_checkpoint_missing_files(tmp_path):
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         M1ForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a local checkpoint folder.*snapshot_download"):
+        M1ForCausalLM.from_pretrained("MiniMaxAI/MiniMax-M1-40k")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_checkpoint_integer_tensor_for_a_float_weight_is_named(dtype, tmp_path):
+    """An integer tensor used to be converted silently by copy_()."""
+    tiny_model().save_pretrained(tmp_path)
+    _rewrite(tmp_path, lambda t: t.update({"model.layers.1.input_layernorm.weight":
+                                           t["model.layers.1.input_layernorm.weight"].to(dtype)}))
+    with pytest.raises(TypeError, match=r"floating point .*model\.layers\.1\.input_layernorm\.weight \("):
+        M1ForCausalLM.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_dtype_as_transformers_takes_it(tmp_path):
+    model = tiny_model().cast_parameters("bfloat16")          # names work wherever a dtype does
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    model.save_pretrained(tmp_path)
+    for dtype, expected in [("float32", torch.float32), ("float", torch.float32), ("half", torch.float16),
+                            ("bfloat16", torch.bfloat16), (torch.float16, torch.float16),
+                            ("auto", torch.bfloat16), (None, torch.bfloat16)]:
+        back = M1ForCausalLM.from_pretrained(tmp_path, dtype=dtype)
+        assert {p.dtype for p in back.parameters()} == {expected}, dtype
+    for bad in ("torch.bfloat16", "bf16", "cat"):
+        with pytest.raises(ValueError, match=f"dtype {bad!r} is not a torch dtype name"):
+            M1ForCausalLM.from_pretrained(tmp_path, dtype=bad)
+    for bad in ("int8", torch.int32, torch.float8_e4m3fn):
+        with pytest.raises(ValueError, match="not a dtype the model runs in"):
+            M1ForCausalLM.from_pretrained(tmp_path, dtype=bad)
+    with pytest.raises(TypeError, match="dtype must be"):
+        M1ForCausalLM.from_pretrained(tmp_path, dtype=16)
+    # "auto" without a dtype in config.json: the dtype of the stored weights, as transformers does
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["torch_dtype"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert M1ForCausalLM.from_pretrained(tmp_path).lm_head.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.filterwarnings(PARTIAL_ROTARY_WARNING)
+def test_saving_over_a_sharded_checkpoint_leaves_no_stale_shards(tmp_path):
+    """The index wins on load: shards of an earlier, larger save must not survive a single-file save."""
+    tiny_model(seed=1).save_pretrained(tmp_path, max_shard_bytes=40_000)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    new = tiny_model(seed=2)
+    new.save_pretrained(tmp_path, names="transformers")
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    back = M1ForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(back.lm_head.weight, new.lm_head.weight)
+    new.save_pretrained(tmp_path, max_shard_bytes=40_000)    # and the other way round
+    assert "model.safetensors" not in os.listdir(tmp_path)
+    assert torch.equal(M1ForCausalLM.from_pretrained(tmp_path).lm_head.weight, new.lm_head.weight)
+
+
+def test_per_expert_conversion_agrees_with_the_checkpoint_layout(tmp_path):
+    """convert_per_expert_state_dict (in memory) and the checkpoint loader (streaming) put the original
+    per-expert weights in the same places; a wrong-shaped expert weight is named."""
+    model = tiny_model(seed=3)
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        original = {k: f.get_tensor(k) for k in f.keys()}
+    converted = convert_per_expert_state_dict(original)
+    ours = model.state_dict()
+    for i in range(model.config.num_hidden_layers):
+        for name in ("experts.gate_up_proj", "experts.down_proj", "gate.weight"):
+            assert torch.equal(converted[f"model.layers.{i}.block_sparse_moe.{name}"], ours[f"model.layers.{i}.mlp.{name}"])
+    original["model.layers.0.block_sparse_moe.experts.2.w2.weight"] = torch.zeros(64, 31)
+    with pytest.raises(ValueError, match=r"experts\.2\.w2\.weight has shape \(64, 31\), expected \(64, 32\)"):
+        convert_per_expert_state_dict(original)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -335,6 +437,46 @@ def test_last_token_only_picks_each_rows_last_valid_token():
         full = model(ids)
         last = model(ids, lengths=[7, 3], last_token_only=True)
     assert torch.allclose(last[0], full[0, 6]) and torch.allclose(last[1], full[1, 2])
+
+
+def test_forward_rejects_bad_input_ids():
+    model = tiny_model()
+    with pytest.raises(TypeError, match="input_ids must be a tensor"):
+        model([[1, 2, 3]])
+    with pytest.raises(TypeError, match="input_ids must hold int64 or int32"):
+        model(torch.zeros(1, 3))
+    for shape in [(0, 4), (2, 0), (5,), (1, 2, 3)]:
+        with pytest.raises(ValueError, match=r"input_ids must be \[B, T\] with B, T >= 1"):
+            model(torch.zeros(shape, dtype=torch.long))
+    for bad in (128, -1, 10**6):       # vocab_size 128: used to be an IndexError inside the embedding
+        ids = torch.tensor([[1, bad, 3]])
+        with pytest.raises(ValueError, match=r"input_ids must lie in \[0, vocab_size = 128\)"):
+            model(ids)
+        cache = model.new_cache(1, 8)
+        with pytest.raises(ValueError, match="input_ids must lie in"):
+            model(ids, cache=cache)
+        with pytest.raises(ValueError, match="input_ids must lie in"):        # a CPU decode step is checked too
+            model(ids[:, 1:2], cache=cache)
+        assert cache.seq_lens.tolist() == [0]
+    with torch.no_grad():
+        model(torch.tensor([[0, 127]], dtype=torch.int32))
+
+
+def test_forward_rejects_positions_past_max_position_embeddings():
+    model = tiny_model(max_position_embeddings=16)
+    ids = torch.randint(0, 128, (2, 17))
+    with pytest.raises(ValueError, match="position 16 .* max_position_embeddings = 16"):
+        model(ids)
+    with torch.no_grad():
+        model(ids[:, :16])
+        cache = model.new_cache(2, 32)
+        model(ids[:, :10], cache=cache)
+        model(ids[:, 10:15], cache=cache, lengths=[5, 3])       # slot 1 stays behind at 13 tokens
+        model(ids[:, 15:16], cache=cache)                       # slot 0 reaches position 15
+        with pytest.raises(ValueError, match="position 16"):
+            model(ids[:, 16:17], cache=cache)
+        assert cache.seq_lens.tolist() == [16, 14]
+        model(ids[1:, 16:17], cache=cache, slot_idx=[1])          # slot 1 may still go on
 
 
 def test_gradients_flow_to_every_parameter():

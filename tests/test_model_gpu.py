@@ -117,3 +117,16 @@ def test_checkpoint_loads_onto_the_gpu_in_bf16(tmp_path):
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     for (name, a), (_, b) in zip(ref.named_parameters(), loaded.named_parameters()):
         assert torch.equal(a.bfloat16(), b), name
+
+
+def test_out_of_range_token_ids_raise_before_any_kernel():
+    """On the GPU the range check costs one synchronisation; without it the embedding's device-side assert
+    would poison the CUDA context of the whole process."""
+    _, _, ours = models(SMALL, seed=5)
+    ids = torch.randint(0, SMALL.vocab_size, (2, 64), device="cuda")
+    ids[1, 7] = SMALL.vocab_size
+    with pytest.raises(ValueError, match="input_ids must lie in"):
+        ours(ids)
+    ids[1, 7] = 0
+    with torch.no_grad():
+        assert torch.isfinite(ours(ids)).all()     # the context is intact
