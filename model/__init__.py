@@ -10,6 +10,7 @@ from .config import M1Config
 _LAZY = {
     "M1ForCausalLM": "modeling",
     "replace_hf_modules": "hf",
+    "transformers_config": "hf",
     "convert_per_expert_state_dict": "checkpoint",
     "without_derived_buffers": "checkpoint",
     "Engine": "engine",
