@@ -115,5 +115,7 @@ def replace_hf_modules(hf_model, backend=None):
             layer.mlp = sparse_moe_from_hf(layer.mlp, backend=backend)
             replaced += 1
     if not replaced:
-        raise ValueError("found no MiniMaxLightningAttention or MiniMaxSparseMoeBlock to replace")
+        ours = any(isinstance(layer.mlp, SparseMoE) for layer in layers)
+        raise ValueError("found no MiniMaxLightningAttention or MiniMaxSparseMoeBlock to replace"
+                         + (" (this model's modules were replaced already)" if ours else ""))
     return hf_model

@@ -133,6 +133,9 @@ def test_replace_hf_modules_trains_through_the_default_cache():
 def test_replace_hf_modules_rejects_other_models():
     with pytest.raises(TypeError, match="MiniMaxForCausalLM"):
         replace_hf_modules(torch.nn.Linear(2, 2))
+    hf = replace_hf_modules(hf_tiny())
+    with pytest.raises(ValueError, match="replaced already"):
+        replace_hf_modules(hf)
 
 
 def test_a_transformers_state_dict_loads_into_the_swapped_model():
