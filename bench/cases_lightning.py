@@ -7,7 +7,8 @@ Peers: flash-linear-attention (`chunk_simple_gla` with g_gamma = -slope, scale 1
 import torch
 
 from m1_kernels import lightning_ops
-from m1_kernels.lightning_ops import ops
+from m1_kernels.dispatch import available_backends
+from m1_kernels.lightning_ops.backends import OP_BACKENDS
 
 from .harness import Case
 
@@ -20,10 +21,10 @@ def _fla():
     return chunk_simple_gla, fused_recurrent_simple_gla
 
 
-def _our_backends(implemented, device):
-    """Backends to time: on the CPU only "torch" (the Triton interpreter is a test tool, not a path)."""
-    from m1_kernels.dispatch import available_backends
-    return [b for b in available_backends(implemented, device) if device.type == "cuda" or b == "torch"]
+def _our_backends(op, device):
+    """Backend names to time for `op`: on the CPU only "torch" (the Triton interpreter is a test tool, not
+    a path)."""
+    return [b.name for b in available_backends(OP_BACKENDS[op], device) if device.type == "cuda" or b.name == "torch"]
 
 
 def _prefill_case(device, name, B, T, H, D, dtype, backward, slope, cu_seqlens, torch_peer, params):
@@ -43,7 +44,7 @@ def _prefill_case(device, name, B, T, H, D, dtype, backward, slope, cu_seqlens, 
         return call
 
     impls = {}
-    for backend in _our_backends(ops.ATTN_BACKENDS, device):
+    for backend in _our_backends("lightning_attn", device):
         if backend == "torch" and not torch_peer:
             continue
         label = f"ours[{backend}]" if backend != "torch" or device.type == "cpu" else "torch (fp32 blockwise)"
@@ -85,7 +86,7 @@ def decode_case(device, B, H, D, dtype=torch.bfloat16):
         return q, k, v, state, slots
 
     impls = {}
-    for backend in _our_backends(ops.DECODE_BACKENDS, device):
+    for backend in _our_backends("lightning_attn_decode", device):
         label = f"ours[{backend}]" if backend != "torch" or device.type == "cpu" else "torch"
         impls[label] = (lambda x, b=backend: lightning_ops.lightning_attn_decode(
             x[0], x[1], x[2], slope, x[3], slot_idx=x[4], backend=b))

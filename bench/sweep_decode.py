@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from m1_kernels import lightning_ops
+from m1_kernels.extension import cuda_extension
 from m1_kernels.lightning_ops import cuda_backend
 from m1_kernels.lightning_ops.triton import fused_recurrent_lightning_decode
 
@@ -32,6 +33,14 @@ def triton_copy(src, dst, block=16384, warps=8):
     _copy_kernel[(src.numel() // block,)](src, dst, BLOCK=block, num_warps=warps)
 
 
+def cuda_decode(q, k, v, slope, state, slot_idx, variant):
+    """One CUDA decode step with a forced tiling: the knob is an argument of the extension only."""
+    out = torch.empty(*q.shape[:2], v.shape[-1], dtype=q.dtype, device=q.device)
+    cuda_extension(q.device).lightning_decode(
+        **cuda_backend.decode_arguments(q, k, v, slope, state, slot_idx, 1.0, out), variant=variant)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--heads", type=int, nargs="+", default=[64, 8], help="head counts to sweep")
@@ -53,8 +62,7 @@ def main():
                 sets.append((q, k, v, state, torch.arange(B, dtype=torch.int32, device=device),
                              torch.empty_like(state)))
             floor = 2 * B * H * 128 * 128 * 4 / (bw * 1e9) * 1e3
-            fns = [lambda x, var=variant: cuda_backend.lightning_decode(*x[:3], slope, x[3], x[4], 1.0, var)
-                   for variant in VARIANTS]
+            fns = [lambda x, var=variant: cuda_decode(*x[:3], slope, x[3], x[4], var) for variant in VARIANTS]
             fns += [lambda x, t=tile: fused_recurrent_lightning_decode(*x[:3], slope, x[3], x[4], 1.0, t)
                     for tile in TRITON_TILES]
             # The same bytes through plain copies: what launch, ramp and the access pattern leave of the floor.

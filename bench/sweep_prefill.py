@@ -8,6 +8,7 @@ state (which adds the last segment's sums and the hi + lo split of pass 1), next
 `--breakdown` prints only those lines."""
 
 import argparse
+import contextlib
 
 import torch
 import triton
@@ -32,7 +33,8 @@ def main():
     device = torch.device("cuda")
     bw = measure_ceilings(device)["copy_GBps"]
     kernels = [chunk._segment_kv_kernel, chunk._segment_output_kernel]
-    configs = [f"BV{c.kwargs['BV']} w{c.num_warps} s{c.num_stages}" for c in chunk._segment_output_kernel.configs]
+    # At D = Dv = 128 in bf16 the pruning keeps the first tier, so index i is its config i.
+    configs = [f"BV{bv} BT{bt} w{w} s{st}" for bv, bt, w, st in chunk.OUTPUT_TIERS[0]]
     print(f"copy bandwidth {bw:.0f} GB/s; cells: ms and fraction of the floor (q, k, v read, o written once)")
     if not args.breakdown:
         print(f"{'shape':<18}{'segment':>8}" + "".join(f"{c:>18}" for c in configs))
@@ -64,10 +66,24 @@ def main():
                 breakdown(f"cuda forward, final state {final}",
                           lambda f=final: cuda_backend.lightning_fwd(*sets[0], slope, None, None, 1.0, f), device)
             for blocks in CUDA_BLOCKS_PER_SM:
-                breakdown(f"cuda forward, no final state, segments for {blocks} blocks per SM",
-                          lambda n=blocks: cuda_backend.lightning_fwd(*sets[0], slope, None, None, 1.0, False, n),
-                          device)
+                with segment_blocks_per_sm(blocks):
+                    breakdown(f"cuda forward, no final state, segments for {blocks} blocks per SM",
+                              lambda: cuda_backend.lightning_fwd(*sets[0], slope, None, None, 1.0, False), device)
         del sets
+
+
+@contextlib.contextmanager
+def segment_blocks_per_sm(blocks):
+    """Time the CUDA forward with segments sized for `blocks` blocks per SM: the tuning constant is set
+    here, in the sweep, never through the backend's arguments."""
+    from m1_kernels.lightning_ops import cuda_backend
+
+    default = cuda_backend.SEGMENT_BLOCKS_PER_SM
+    cuda_backend.SEGMENT_BLOCKS_PER_SM = blocks
+    try:
+        yield
+    finally:
+        cuda_backend.SEGMENT_BLOCKS_PER_SM = default
 
 
 def breakdown(label, run, device):

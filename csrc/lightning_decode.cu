@@ -6,7 +6,8 @@
 // noise. A block owns one (row b, head h, slice of COLS state columns); columns are independent, so the
 // slices need no cross-block reduction. Each thread owns one 16-byte column group and D/ROW_GROUPS
 // rows, and issues all its state loads before the first use so enough bytes are in flight to saturate
-// HBM even at batch 16. No host synchronisation: padding (slot < 0) and bad slots are handled on device.
+// HBM even at batch 16. No host synchronisation: padding (slot < 0), bad slots and bad rates are handled on
+// device.
 #include "common.h"
 #include "lightning_decode.h"
 
@@ -86,7 +87,9 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) lightning_decode_kernel(L
   float vv[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) vv[j] = to_float(v[col + j]);
-  const float decay = __expf(-static_cast<const float*>(a.slope)[h]);
+  // A negative or non-finite rate (not checked on the host: that would synchronise) makes this head NaN.
+  const float rate = static_cast<const float*>(a.slope)[h];
+  const float decay = rate >= 0.f && rate <= 3.402823466e38f ? __expf(-rate) : __int_as_float(0x7fc00000);
   __syncthreads();
 
   float acc[4] = {0.f, 0.f, 0.f, 0.f};

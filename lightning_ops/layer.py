@@ -5,34 +5,23 @@
     out = out_proj(sigmoid(output_gate(x)) * RMSNorm_{H*D}(o))
 
 Parameter names and shapes are those of transformers' MiniMaxLightningAttention (qkv_proj, output_gate,
-out_proj, norm.weight), so its state dict loads as is. Its derived buffers (slope_rate, query_decay,
-key_decay, diagonal_decay) are accepted and ignored on load: the decay rates are recomputed by
-`lightning_ops.slopes` (the release's formula; transformers divides by num_layers - 1 + 1e-5 instead of
-num_layers - 1, a relative difference of about 1e-5 / (num_layers - 1) except near the last layer).
+out_proj, norm.weight). Its derived buffers (slope_rate, query_decay, key_decay, diagonal_decay) are not
+part of ours (m1_kernels.model knows transformers' names: its `without_derived_buffers` drops them from a
+transformers state dict, its `HFLightningAttention.from_hf` shares a transformers layer's weights); the
+decay rates are recomputed by `lightning_ops.slopes` (the release's formula; transformers divides by
+num_layers - 1 + 1e-5 instead of num_layers - 1, a relative difference of about 1e-5 / (num_layers - 1)
+except near the last layer).
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import lightning_attn, lightning_attn_decode
+from m1_kernels.norm import RMSNorm
+from m1_kernels.validate import check_tensor
+
+from .ops import lightning_attn, lightning_attn_decode, lightning_attn_with_cache
 from .slopes import slopes
-
-_HF_DERIVED_BUFFERS = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")
-
-
-class _RMSNorm(nn.Module):
-    """RMSNorm over the last dim, computed in fp32 and cast back before the weight (as transformers)."""
-
-    def __init__(self, size, eps, device=None, dtype=None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size, device=device, dtype=dtype))
-        self.eps = eps
-
-    def forward(self, x):
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
 
 
 class LightningAttention(nn.Module):
@@ -55,29 +44,27 @@ class LightningAttention(nn.Module):
         self.qkv_proj = nn.Linear(hidden_size, 3 * inner, bias=False, **factory)
         self.output_gate = nn.Linear(hidden_size, inner, bias=False, **factory)
         self.out_proj = nn.Linear(inner, hidden_size, bias=False, **factory)
-        self.norm = _RMSNorm(inner, norm_eps, **factory)
+        self.norm = RMSNorm(inner, norm_eps, **factory)
         # Derived, not a checkpoint entry; kept fp32 (the ops take fp32 rates) whatever the weights' dtype.
         self.register_buffer("slope", slopes(num_heads, layer_idx, num_layers, device=device), persistent=False)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in _HF_DERIVED_BUFFERS:
-            state_dict.pop(prefix + name, None)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, hidden_states, state=None, slot_idx=None, cu_seqlens=None):
         """
         Args:
             hidden_states: [B, T, hidden].
-            state: optional fp32 slot cache [S, H, D, D], updated in place: prefill starts each sequence
-                from its slot and writes the final state back; with T == 1 (and no cu_seqlens) one
-                decode step (lightning_attn_decode). Slot-cache calls are for inference (the kernel
-                backends have no backward for them).
-            slot_idx: [B] int32 slot of each row, or of each packed sequence with cu_seqlens
+            state: optional fp32 slot cache [S, H, D, D], updated in place (inference: no backward):
+                prefill starts each sequence from its slot and writes the final state back
+                (lightning_attn_with_cache); with T == 1 and no cu_seqlens, one decode step
+                (lightning_attn_decode).
+            slot_idx: [B] int32 distinct slot of each row, or of each packed sequence with cu_seqlens
                 (default arange); negative = padding (zero output, state untouched).
             cu_seqlens: [N + 1] boundaries of sequences packed along T (B == 1).
         Returns:
             [B, T, hidden] in the dtype of hidden_states.
         """
+        check_tensor("hidden_states", hidden_states, ndim=3)
+        if hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden_states must be [B, T, {self.hidden_size}], got {tuple(hidden_states.shape)}")
         B, T, _ = hidden_states.shape
         H, D = self.num_heads, self.head_dim
         qkv = F.silu(self.qkv_proj(hidden_states)).view(B, T, H, 3 * D)
@@ -86,25 +73,13 @@ class LightningAttention(nn.Module):
         if state is not None and slot_idx is None:
             rows = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
             slot_idx = torch.arange(rows, dtype=torch.int32, device=hidden_states.device)
-        if state is not None and T == 1 and cu_seqlens is None:
+        if state is None:
+            o, _ = lightning_attn(q, k, v, slope, cu_seqlens=cu_seqlens, backend=self.backend)
+        elif T == 1 and cu_seqlens is None:
             o = lightning_attn_decode(q[:, 0], k[:, 0], v[:, 0], slope, state, slot_idx=slot_idx,
                                       backend=self.backend)[:, None]
         else:
-            o, _ = lightning_attn(q, k, v, slope, initial_state=state, slot_idx=slot_idx if state is not None
-                                  else None, cu_seqlens=cu_seqlens, backend=self.backend)
+            o = lightning_attn_with_cache(q, k, v, slope, state, slot_idx, cu_seqlens=cu_seqlens,
+                                          backend=self.backend)
         o = self.norm(o.reshape(B, T, H * D))
         return self.out_proj(torch.sigmoid(self.output_gate(hidden_states)) * o)
-
-    @classmethod
-    def from_hf(cls, hf_module, backend=None):
-        """A LightningAttention sharing the parameters of a transformers MiniMaxLightningAttention."""
-        w = hf_module.qkv_proj.weight
-        ours = cls(hf_module.qkv_proj.in_features, hf_module.num_attention_heads, hf_module.head_dim,
-                   hf_module.layer_idx, hf_module.num_hidden_layers, norm_eps=hf_module.norm.variance_epsilon,
-                   backend=backend, device="meta", dtype=w.dtype)
-        ours.qkv_proj.weight = hf_module.qkv_proj.weight
-        ours.output_gate.weight = hf_module.output_gate.weight
-        ours.out_proj.weight = hf_module.out_proj.weight
-        ours.norm.weight = hf_module.norm.weight
-        ours.slope = slopes(ours.num_heads, ours.layer_idx, ours.num_layers, device=w.device)
-        return ours

@@ -1,48 +1,76 @@
 """Public lightning-attention ops: input checks, backend dispatch, torch.library registration.
 
-Semantics (docs/lightning.md), per head h with rate s_h > 0 and state S [D, Dv] in fp32:
+Semantics (docs/lightning.md), per head h with rate s_h >= 0 and state S [D, Dv] in fp32:
 
     S_t = exp(-s_h) S_{t-1} + k_t^T v_t          o_t = scale * q_t S_t
 
-Each backend module provides the same functions on already-validated tensors: `lightning_fwd`,
-`lightning_fwd_slots` (prefill from a slot cache), `lightning_decode` and, for the kernel backends
-(triton_backend, cuda_backend), `lightning_bwd`. Kernel
-backends run inside torch.library custom ops (fake tensors, autograd, opcheck); the torch backend is
-plain differentiable PyTorch and is called directly.
+The backends and what each takes are declared once, in lightning_ops/backends.py. Kernel backends
+run inside the torch.library custom ops below (fake tensors, registered autograd, opcheck); the torch
+backend is plain differentiable PyTorch and runs the same op bodies directly (`_run` decides).
+
+Checks that read tensor values on the host (a host-device synchronisation on CUDA) run in the op
+bodies, outside torch.compile tracing and CUDA-graph capture:
+- cu_seqlens (starts at 0, ends at T, non-decreasing): every prefill call.
+- slope (finite and >= 0): every call on CPU tensors; on CUDA, each slope tensor once per prefill op
+  (again after it is modified in place), never in decode, whose kernels turn a bad rate into NaN
+  outputs and states instead of silently wrong numbers.
+- slot_idx (in range, distinct): CPU tensors only. On CUDA an out-of-range slot gives NaN output and
+  touches no state; duplicate slots are not detected (the result is then undefined).
 """
 
-import importlib
 from typing import Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from m1_kernels.dispatch import resolve_backend
-from m1_kernels.validate import FLOAT_DTYPES, capturing, check_shape, check_tensor
+from m1_kernels.validate import FLOAT_DTYPES, can_read_values, check_shape, check_tensor
 
-from . import torch_backend
+from .backends import BACKENDS, OP_BACKENDS
 
-# Backends per op, fastest first as measured on Hopper (bench/results).
-ATTN_BACKENDS = ("triton", "cuda", "torch")
-DECODE_BACKENDS = ("cuda", "triton", "torch")
-
-_KERNEL_MODULES = {"cuda": "m1_kernels.lightning_ops.cuda_backend", "triton": "m1_kernels.lightning_ops.triton_backend"}
+_BY_NAME = {b.name: b for b in BACKENDS}
 
 
-def _impl(backend: str):
-    """A kernel backend's module, imported on first use (only inside the custom ops, never traced)."""
-    return importlib.import_module(_KERNEL_MODULES[backend])
+def _impl(backend: str, part: Optional[str] = None):
+    """The module that runs `part` of `backend`: its own, unless the table says it borrows that part."""
+    row = _BY_NAME[backend]
+    return _BY_NAME[row.borrows.get(part, row.name)].impl
+
+
+def _run(row, custom_op, body, *args):
+    """Kernel backends run inside the op's torch.library custom op; plain-PyTorch backends run its body
+    directly (autograd and torch.compile trace through them)."""
+    return (custom_op if row.custom_ops else body)(*args, row.name)
 
 
 # ---------------------------------------------------------------------------------------------------
-# torch.library registration: the ops see validated tensors and a resolved backend name.
+# Op bodies: validated tensors and a resolved backend name in, the backend's function called.
+
+def _attn_fwd_body(q, k, v, slope, initial_state, cu_seqlens, scale, output_final_state, backend):
+    _check_values(q.device, slope=slope, cu_seqlens=cu_seqlens, total=q.shape[1])
+    return _impl(backend).lightning_fwd(q, k, v, slope, initial_state, cu_seqlens, scale, output_final_state)
+
+
+def _with_cache_body(q, k, v, slope, cache, slot_idx, cu_seqlens, scale, backend):
+    _check_values(q.device, slope=slope, cu_seqlens=cu_seqlens, total=q.shape[1], slot_idx=slot_idx,
+                  num_slots=cache.shape[0])
+    return _impl(backend).lightning_fwd_with_cache(q, k, v, slope, cache, slot_idx, cu_seqlens, scale)
+
+
+def _decode_body(q, k, v, slope, state, slot_idx, scale, backend):
+    _check_values(q.device, slope=slope if q.device.type == "cpu" else None, slot_idx=slot_idx,
+                  num_slots=state.shape[0])
+    return _impl(backend).lightning_decode(q, k, v, slope, state, slot_idx, scale)
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library registration
 
 @torch.library.custom_op("m1_ops::lightning_attn_fwd", mutates_args=())
 def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor,
               initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], scale: float,
               output_final_state: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if cu_seqlens is not None and not capturing(q.device):
-        _check_cu_seqlens_values(cu_seqlens, q.shape[1])
-    o, final = _impl(backend).lightning_fwd(q, k, v, slope, initial_state, cu_seqlens, scale, output_final_state)
+    o, final = _attn_fwd_body(q, k, v, slope, initial_state, cu_seqlens, scale, output_final_state, backend)
     if final is None:  # not asked for; ops cannot return None, so an empty tensor stands for it
         final = q.new_empty(0, dtype=torch.float32)
     return o, final
@@ -61,7 +89,8 @@ def _attn_bwd(do: torch.Tensor, dfinal: Optional[torch.Tensor], q: torch.Tensor,
               v: torch.Tensor, slope: torch.Tensor, initial_state: Optional[torch.Tensor],
               cu_seqlens: Optional[torch.Tensor], scale: float,
               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, dh0 = _impl(backend).lightning_bwd(do, dfinal, q, k, v, slope, initial_state, cu_seqlens, scale)
+    dq, dk, dv, dh0 = _impl(backend, "backward").lightning_bwd(do, dfinal, q, k, v, slope, initial_state,
+                                                               cu_seqlens, scale)
     if dh0 is None:  # ops cannot return None: an empty tensor stands for "no initial state"
         dh0 = q.new_empty(0, dtype=torch.float32)
     return dq, dk, dv, dh0
@@ -90,24 +119,22 @@ def _attn_backward(ctx, do, dfinal):
 _attn_fwd.register_autograd(_attn_backward, setup_context=_attn_setup_context)
 
 
-@torch.library.custom_op("m1_ops::lightning_attn_fwd_slots", mutates_args=("state",))
-def _attn_fwd_slots(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor, state: torch.Tensor,
-                    slot_idx: torch.Tensor, cu_seqlens: Optional[torch.Tensor], scale: float,
-                    backend: str) -> torch.Tensor:
-    if cu_seqlens is not None and not capturing(q.device):
-        _check_cu_seqlens_values(cu_seqlens, q.shape[1])
-    return _impl(backend).lightning_fwd_slots(q, k, v, slope, state, slot_idx, cu_seqlens, scale)
+@torch.library.custom_op("m1_ops::lightning_attn_with_cache", mutates_args=("cache",))
+def _with_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor, cache: torch.Tensor,
+                slot_idx: torch.Tensor, cu_seqlens: Optional[torch.Tensor], scale: float,
+                backend: str) -> torch.Tensor:
+    return _with_cache_body(q, k, v, slope, cache, slot_idx, cu_seqlens, scale, backend)
 
 
-@_attn_fwd_slots.register_fake
-def _(q, k, v, slope, state, slot_idx, cu_seqlens, scale, backend):
+@_with_cache.register_fake
+def _(q, k, v, slope, cache, slot_idx, cu_seqlens, scale, backend):
     return v.new_empty(*q.shape[:3], v.shape[-1])
 
 
 @torch.library.custom_op("m1_ops::lightning_attn_decode", mutates_args=("state",))
 def _decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor, state: torch.Tensor,
             slot_idx: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
-    return _impl(backend).lightning_decode(q, k, v, slope, state, slot_idx, scale)
+    return _decode_body(q, k, v, slope, state, slot_idx, scale, backend)
 
 
 @_decode.register_fake
@@ -118,38 +145,33 @@ def _(q, k, v, slope, state, slot_idx, scale, backend):
 # ---------------------------------------------------------------------------------------------------
 # Checks
 
-def _check_cu_seqlens_values(cu_seqlens, total):
-    cu = cu_seqlens.tolist()
-    if cu[0] != 0 or cu[-1] != total:
-        raise ValueError(f"cu_seqlens must start at 0 and end at the packed length {total}, got {cu[0]}..{cu[-1]}")
-    if any(b < a for a, b in zip(cu[:-1], cu[1:])):
-        raise ValueError("cu_seqlens must be non-decreasing")
+# slope tensors found valid on CUDA, with their in-place version then: checked once, not on every call.
+_VALID_SLOPES = WeakIdKeyDictionary()
 
 
-def _check_slots(slot_idx, state, rows, device):
-    """slot_idx [rows] int32 into a slot cache `state` [S, ...]; values are checked on CPU tensors only
-    (reading CUDA values would synchronise)."""
-    check_tensor("slot_idx", slot_idx, ndim=1, dtypes=(torch.int32,), device=device)
-    check_shape("slot_idx", slot_idx, (rows,), " (one slot per sequence)")
-    if slot_idx.device.type == "cpu" and rows and int(slot_idx.max()) >= state.shape[0]:
-        raise ValueError(f"slot_idx holds slot {int(slot_idx.max())} but the cache has {state.shape[0]} slots")
-
-
-KERNEL_HEAD_DIMS = (64, 128)  # of the triton and cuda kernels; the torch backend takes any
-
-
-def _head_dims_unsupported(D, Dv):
-    def why(backend):
-        if backend != "torch" and (D not in KERNEL_HEAD_DIMS or Dv not in KERNEL_HEAD_DIMS):
-            return (f"the {backend} backend supports head dims D, Dv in {KERNEL_HEAD_DIMS}, got D={D}, Dv={Dv}; "
-                    "use backend='torch' for other sizes")
-        return None
-    return why
-
-
-def _check_slope(slope, H, device):
-    check_tensor("slope", slope, ndim=1, dtypes=(torch.float32,), device=device)
-    check_shape("slope", slope, (H,), " (one rate per head)")
+def _check_values(device, *, slope=None, cu_seqlens=None, total=None, slot_idx=None, num_slots=None):
+    """The checks that read tensor values on the host (see the module docstring for which run where)."""
+    if not can_read_values(device):
+        return
+    if cu_seqlens is not None:
+        cu = cu_seqlens.tolist()
+        if cu[0] != 0 or cu[-1] != total:
+            raise ValueError(f"cu_seqlens must start at 0 and end at the packed length {total}, "
+                             f"got {cu[0]}..{cu[-1]}")
+        if any(b < a for a, b in zip(cu[:-1], cu[1:])):
+            raise ValueError("cu_seqlens must be non-decreasing")
+    if slope is not None and _VALID_SLOPES.get(slope) != slope._version:
+        if not bool((torch.isfinite(slope) & (slope >= 0)).all()):
+            raise ValueError(f"slope must hold finite rates >= 0 (the per-step decay is exp(-slope)), "
+                             f"got {slope.tolist()}")
+        if slope.device.type != "cpu":
+            _VALID_SLOPES[slope] = slope._version
+    if slot_idx is not None and slot_idx.device.type == "cpu":
+        used = slot_idx[slot_idx >= 0]
+        if used.numel() and int(used.max()) >= num_slots:
+            raise ValueError(f"slot_idx holds slot {int(used.max())} but the cache has {num_slots} slots")
+        if used.unique().numel() != used.numel():
+            raise ValueError(f"slot_idx must hold distinct slots (negative ones aside), got {slot_idx.tolist()}")
 
 
 def _check_qkv(q, k, v, ndim):
@@ -163,92 +185,135 @@ def _check_qkv(q, k, v, ndim):
         raise ValueError("head dims of q and v must be positive")
 
 
+def _check_slope(slope, H, device):
+    check_tensor("slope", slope, ndim=1, dtypes=(torch.float32,), device=device)
+    check_shape("slope", slope, (H,), " (one rate per head)")
+
+
+def _check_scale(scale):
+    if not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a Python number, got {type(scale).__name__}")
+
+
+def _check_cu_seqlens(cu_seqlens, B, device):
+    """Returns the number of sequences N."""
+    if cu_seqlens is None:
+        return B
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32, torch.int64), device=device)
+    if B != 1:
+        raise ValueError(f"cu_seqlens packs sequences along T and needs B == 1, got B = {B}")
+    if cu_seqlens.shape[0] < 2:
+        raise ValueError("cu_seqlens must hold at least two boundaries")
+    return cu_seqlens.shape[0] - 1
+
+
+def _check_cache(name, cache, H, D, Dv, device):
+    check_tensor(name, cache, ndim=4, dtypes=(torch.float32,), device=device, contiguous=True)
+    if cache.shape[1:] != (H, D, Dv):
+        raise ValueError(f"{name} must have shape [S, {H}, {D}, {Dv}] (S slots), got {tuple(cache.shape)}")
+
+
+def _check_slot_idx(slot_idx, rows, device):
+    check_tensor("slot_idx", slot_idx, ndim=1, dtypes=(torch.int32,), device=device)
+    check_shape("slot_idx", slot_idx, (rows,), " (one slot per sequence)")
+
+
+def _backend(op, backend, q, v):
+    return resolve_backend(op, backend, OP_BACKENDS[op], q.device, dtype=q.dtype, head_dim=q.shape[-1],
+                           value_dim=v.shape[-1])
+
+
 # ---------------------------------------------------------------------------------------------------
 # Public API
 
 def lightning_attn(q, k, v, slope, *, scale=1.0, initial_state=None, output_final_state=False,
-                   cu_seqlens=None, slot_idx=None, backend=None):
+                   cu_seqlens=None, backend=None):
     """Lightning attention prefill (forward and backward).
 
     Args:
         q, k: [B, T, H, D]; v: [B, T, H, Dv]; bf16, fp16 or fp32, unit stride in the last dim.
-        slope: [H] fp32 decay rates s_h (the per-step decay is exp(-s_h)).
+        slope: [H] fp32 decay rates s_h >= 0 (the per-step decay is exp(-s_h)).
         scale: multiplies the output (MiniMax uses 1.0).
         initial_state: [N, H, D, Dv] fp32, N = B (or the number of sequences with cu_seqlens).
         output_final_state: also return the fp32 state after the last token of each sequence.
         cu_seqlens: [N + 1] int32/int64 boundaries of sequences packed along T (requires B == 1).
-        slot_idx: [N] int32; continue from a slot cache (serving, chunked prefill). `initial_state` is
-            then the cache [S, H, D, Dv] fp32: sequence n starts from initial_state[slot_idx[n]] and
-            its final state is written back into that slot in place (slots must be distinct). A
-            negative slot marks a padding sequence: zero output, no state read or written. For
-            inference: the kernel backends register no backward for it (backward raises); returns
-            (o, None). On CUDA the slots are not checked on the host (that
-            would synchronise): a slot >= S gives NaN output and touches no state.
-        backend: "cuda", "triton", "torch" or None (see m1_kernels.dispatch). The triton backend takes
-            D, Dv in (64, 128).
+        backend: "cuda", "triton", "torch" or None (see m1_kernels.dispatch; what each takes:
+            lightning_ops.BACKENDS).
 
     Returns:
         (o [B, T, H, Dv] in q's dtype, final_state [N, H, D, Dv] fp32 or None).
+
+    Autograd flows to q, k, v and initial_state. To continue from a slot cache in place (serving,
+    chunked prefill), use lightning_attn_with_cache.
     """
     _check_qkv(q, k, v, ndim=4)
     B, T, H, D = q.shape
     Dv = v.shape[-1]
     _check_slope(slope, H, q.device)
-    N = B
-    if cu_seqlens is not None:
-        check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32, torch.int64), device=q.device)
-        if B != 1:
-            raise ValueError(f"cu_seqlens packs sequences along T and needs B == 1, got B = {B}")
-        if cu_seqlens.shape[0] < 2:
-            raise ValueError("cu_seqlens must hold at least two boundaries")
-        N = cu_seqlens.shape[0] - 1
-    if slot_idx is not None:
-        if initial_state is None:
-            raise ValueError("slot_idx needs initial_state: the slot cache [S, H, D, Dv] it indexes")
-        check_tensor("initial_state", initial_state, ndim=4, dtypes=(torch.float32,), device=q.device,
-                     contiguous=True)
-        if initial_state.shape[1:] != (H, D, Dv):
-            raise ValueError(f"initial_state (the slot cache) must have shape [S, {H}, {D}, {Dv}], "
-                             f"got {tuple(initial_state.shape)}")
-        _check_slots(slot_idx, initial_state, N, q.device)
-        if output_final_state:
-            raise ValueError("with slot_idx the final states are written into the slot cache; "
-                             "output_final_state must be False")
-    elif initial_state is not None:
+    N = _check_cu_seqlens(cu_seqlens, B, q.device)
+    if initial_state is not None:
         check_tensor("initial_state", initial_state, ndim=4, dtypes=(torch.float32,), device=q.device,
                      contiguous=True)
         check_shape("initial_state", initial_state, (N, H, D, Dv), " ([N, H, D, Dv], N sequences)")
-    if not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a Python number, got {type(scale).__name__}")
-    backend = resolve_backend("lightning_attn", backend, ATTN_BACKENDS, q.device, _head_dims_unsupported(D, Dv))
-    if slot_idx is not None:
-        if backend == "torch":
-            if cu_seqlens is not None:
-                _check_cu_seqlens_values(cu_seqlens, T)
-            return torch_backend.lightning_fwd_slots(q, k, v, slope, initial_state, slot_idx, cu_seqlens,
-                                                     float(scale)), None
-        return _attn_fwd_slots(q, k, v, slope, initial_state, slot_idx, cu_seqlens, float(scale), backend), None
-    if backend == "torch":
-        if cu_seqlens is not None:
-            _check_cu_seqlens_values(cu_seqlens, T)
-        o, final = torch_backend.lightning_fwd(q, k, v, slope, initial_state, cu_seqlens, float(scale))
-    else:
-        o, final = _attn_fwd(q, k, v, slope, initial_state, cu_seqlens, float(scale), output_final_state,
-                             backend)
+    _check_scale(scale)
+    row = _backend("lightning_attn", backend, q, v)
+    o, final = _run(row, _attn_fwd, _attn_fwd_body, q, k, v, slope, initial_state, cu_seqlens, float(scale),
+                    output_final_state)
     return o, (final if output_final_state else None)
 
 
+def lightning_attn_with_cache(q, k, v, slope, cache, slot_idx, *, cu_seqlens=None, scale=1.0, backend=None):
+    """Prefill that continues from a slot cache and writes the final states back into it, in place.
+
+    For inference (serving, chunked prefill): there is no backward, and calling it on q, k or v that
+    require grad while grad mode is on raises RuntimeError.
+
+    Args:
+        q, k: [B, T, H, D]; v: [B, T, H, Dv]; bf16, fp16 or fp32, unit stride in the last dim.
+        slope: [H] fp32 decay rates s_h >= 0.
+        cache: [S, H, D, Dv] fp32 contiguous slot cache, updated in place: sequence n starts from
+            cache[slot_idx[n]] and its final state is written back there.
+        slot_idx: [N] int32 distinct slots, N = B (or the number of sequences with cu_seqlens). A
+            negative slot marks a padding sequence: zero output, no state read or written. On CUDA the
+            slots are not checked on the host (that would synchronise): a slot >= S gives NaN output
+            and touches no state; duplicate slots give an undefined result.
+        cu_seqlens: [N + 1] int32/int64 boundaries of sequences packed along T (requires B == 1).
+        scale: multiplies the output.
+        backend: "cuda", "triton", "torch" or None, as for lightning_attn.
+
+    Returns:
+        o [B, T, H, Dv] in q's dtype.
+    """
+    _check_qkv(q, k, v, ndim=4)
+    B, T, H, D = q.shape
+    Dv = v.shape[-1]
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        raise RuntimeError("lightning_attn_with_cache is in-place inference and has no backward, but q, k or v "
+                           "requires grad; run it under torch.no_grad() or use lightning_attn with "
+                           "initial_state and output_final_state=True for training")
+    _check_slope(slope, H, q.device)
+    N = _check_cu_seqlens(cu_seqlens, B, q.device)
+    _check_cache("cache", cache, H, D, Dv, q.device)
+    _check_slot_idx(slot_idx, N, q.device)
+    _check_scale(scale)
+    row = _backend("lightning_attn_with_cache", backend, q, v)
+    return _run(row, _with_cache, _with_cache_body, q, k, v, slope, cache, slot_idx, cu_seqlens, float(scale))
+
+
 def lightning_attn_decode(q, k, v, slope, state, *, slot_idx=None, scale=1.0, backend=None):
-    """One decode step for a batch of sequences; updates `state` in place, no host synchronisation.
+    """One decode step for a batch of sequences; updates `state` in place, no host synchronisation on
+    CUDA (capturable in a CUDA graph).
 
     Args:
         q, k: [B, H, D]; v: [B, H, Dv]; bf16, fp16 or fp32.
-        slope: [H] fp32 decay rates.
+        slope: [H] fp32 decay rates s_h >= 0 (checked on CPU tensors; on CUDA a bad rate gives NaN).
         state: [S, H, D, Dv] fp32 contiguous slot cache, updated in place.
-        slot_idx: [B] int32 slot of each row (default: row b uses slot b); a negative slot marks a
-            padding row, which is skipped and gives zeros. On CUDA tensors slots are not read on the
-            host (that would synchronise); a slot >= S gives a NaN output row and touches no state.
+        slot_idx: [B] int32 distinct slots, one per row (default: row b uses slot b); a negative slot
+            marks a padding row, which is skipped and gives zeros. On CUDA tensors slots are not read
+            on the host: a slot >= S gives a NaN output row and touches no state; duplicate slots give
+            an undefined result.
         scale: multiplies the output.
+        backend: "cuda", "triton", "torch" or None, as for lightning_attn.
 
     Returns:
         o [B, H, Dv] in q's dtype.
@@ -257,18 +322,12 @@ def lightning_attn_decode(q, k, v, slope, state, *, slot_idx=None, scale=1.0, ba
     B, H, D = q.shape
     Dv = v.shape[-1]
     _check_slope(slope, H, q.device)
-    check_tensor("state", state, ndim=4, dtypes=(torch.float32,), device=q.device, contiguous=True)
-    if state.shape[1:] != (H, D, Dv):
-        raise ValueError(f"state must have shape [S, {H}, {D}, {Dv}], got {tuple(state.shape)}")
+    _check_cache("state", state, H, D, Dv, q.device)
     if slot_idx is None:
         if state.shape[0] < B:
             raise ValueError(f"state has {state.shape[0]} slots for a batch of {B}; pass slot_idx")
         slot_idx = torch.arange(B, dtype=torch.int32, device=q.device)
-    _check_slots(slot_idx, state, B, q.device)
-    if not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a Python number, got {type(scale).__name__}")
-    backend = resolve_backend("lightning_attn_decode", backend, DECODE_BACKENDS, q.device,
-                              _head_dims_unsupported(D, Dv))
-    if backend == "torch":
-        return torch_backend.lightning_decode(q, k, v, slope, state, slot_idx, float(scale))
-    return _decode(q, k, v, slope, state, slot_idx, float(scale), backend)
+    _check_slot_idx(slot_idx, B, q.device)
+    _check_scale(scale)
+    row = _backend("lightning_attn_decode", backend, q, v)
+    return _run(row, _decode, _decode_body, q, k, v, slope, state, slot_idx, float(scale))

@@ -49,8 +49,9 @@ def _forward_one(q, k, v, slope, scale, h0):
     return o.to(q.dtype), state
 
 
-def lightning_fwd(q, k, v, slope, initial_state, cu_seqlens, scale):
-    """Returns (o like v, final states [N, H, D, Dv] float32)."""
+def lightning_fwd(q, k, v, slope, initial_state, cu_seqlens, scale, output_final_state=True):
+    """Returns (o like v, final states [N, H, D, Dv] float32). The final state costs nothing extra here,
+    so it is returned whatever `output_final_state` says (the op drops it when not asked for)."""
     if cu_seqlens is None:
         return _forward_one(q, k, v, slope, scale, initial_state)
     bounds = cu_seqlens.tolist()  # the torch backend may read lengths on the host
@@ -66,7 +67,7 @@ def lightning_fwd(q, k, v, slope, initial_state, cu_seqlens, scale):
     return o, final
 
 
-def lightning_fwd_slots(q, k, v, slope, state, slot_idx, cu_seqlens, scale):
+def lightning_fwd_with_cache(q, k, v, slope, state, slot_idx, cu_seqlens, scale):
     """Prefill from a slot cache, updating it in place: rows with a negative slot (padding) give zero
     output, rows with a slot >= S give NaN; neither touches the cache."""
     valid = (slot_idx >= 0) & (slot_idx < state.shape[0])
@@ -85,11 +86,14 @@ def lightning_fwd_slots(q, k, v, slope, state, slot_idx, cu_seqlens, scale):
 
 
 def lightning_decode(q, k, v, slope, state, slot_idx, scale):
-    """In-place state update without host sync: rows with a negative slot add a zero delta to slot 0."""
+    """In-place state update without host sync: rows with a negative slot add a zero delta to slot 0.
+    A rate that is negative or not finite (not checked on the host on CUDA) makes its head's output and
+    state NaN, as in the kernels."""
     valid = slot_idx >= 0
     idx = torch.where(valid, slot_idx, 0).long()
     old = state[idx]                                                                  # [B, H, D, Dv]
-    decay = torch.exp(-slope.float())[None, :, None, None]
+    rate = slope.float()
+    decay = torch.where(torch.isfinite(rate) & (rate >= 0), torch.exp(-rate), float("nan"))[None, :, None, None]
     kv = k.float()[..., :, None] * v.float()[..., None, :]
     new = decay * old + kv
     delta = torch.where(valid[:, None, None, None], new - old, 0.0)

@@ -21,7 +21,7 @@ def lightning_fwd(q, k, v, slope, initial_state, cu_seqlens, scale, output_final
                            final="new" if output_final_state else None)
 
 
-def lightning_fwd_slots(q, k, v, slope, state, slot_idx, cu_seqlens, scale):
+def lightning_fwd_with_cache(q, k, v, slope, state, slot_idx, cu_seqlens, scale):
     """Prefill from a slot cache: sequence n starts from state[slot_idx[n]] and its final state is
     written back there in place (negative slot: zeros out, state untouched). Returns o."""
     o, _ = chunk_lightning(q, k, v, slope, state, cu_seqlens, out_scale=scale, final=state, slot_idx=slot_idx)

@@ -29,3 +29,9 @@ def check_shape(name, t, expected, what=""):
 def capturing(device: torch.device) -> bool:
     """True while a CUDA graph is being captured: value checks that read device memory must not run."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def can_read_values(device: torch.device) -> bool:
+    """Whether a check may read tensor values on the host: not while torch.compile traces (it would
+    break the graph) nor while a CUDA graph is captured."""
+    return not torch.compiler.is_compiling() and not capturing(device)

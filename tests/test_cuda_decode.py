@@ -1,11 +1,13 @@
 """The CUDA decode kernel's tilings (csrc/lightning_decode.cu): every variant the sweep may pick is
 checked against the float64 decode step, including padding rows, the NaN of out-of-range slots and
-q/k/v rows that are views into a wider tensor at an odd offset."""
+q/k/v rows that are views into a wider tensor at an odd offset; the extension takes keyword arguments
+only and names its dtype enum."""
 
 import pytest
 import torch
 
 from m1_kernels import lightning_ops
+from m1_kernels.extension import cuda_extension
 from m1_kernels.reference import lightning as RL
 
 pytestmark = pytest.mark.gpu
@@ -32,8 +34,11 @@ def test_every_tiling_matches_reference(variant, dtype, B):
     lo = [x.to(dtype) for x in (q, k, v)]
     o64, s64 = RL.lightning_decode_step(*[x.double() for x in lo], slope, state, slots, scale=0.3)
     dev_state = state.float().cuda()
-    o = cuda_backend.lightning_decode(*[x.cuda() for x in lo], slope.float().cuda(), dev_state, slots.cuda(), 0.3,
-                                      variant)
+    dq, dk, dv = (x.cuda() for x in lo)
+    o = torch.full((B, H, D), float("nan"), dtype=dtype, device="cuda")
+    # The tiling knob is an argument of the extension only (the backend function takes none).
+    cuda_extension(o.device).lightning_decode(**cuda_backend.decode_arguments(
+        dq, dk, dv, slope.float().cuda(), dev_state, slots.cuda(), 0.3, o), variant=variant)
     torch.testing.assert_close(o.cpu().double(), o64.to(dtype).double(), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(dev_state.cpu().double(), s64, rtol=1e-5, atol=1e-5)
 
@@ -67,3 +72,18 @@ def test_strided_unaligned_rows_match_reference(D):
     o = cuda_backend.lightning_decode(dev_q, dev_k, dev_v, slope.float().cuda(), dev_state, slots.cuda(), 0.5)
     torch.testing.assert_close(o.cpu().double(), o64.to(torch.bfloat16).double(), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(dev_state.cpu().double(), s64, rtol=1e-5, atol=1e-5)
+
+
+def test_extension_takes_keywords_and_named_dtypes():
+    """Positional calls and raw integer dtype codes are refused by the binding itself."""
+    ext = cuda_extension(torch.device("cuda"))
+    assert {m for m in ext.DType.__members__} == {"float32", "float16", "bfloat16"}
+    assert {m for m in ext.GroupedGemmTile.__members__} == {"auto", "large", "small"}
+    q = torch.randn(1, 1, 64, device="cuda")
+    state = torch.zeros(1, 1, 64, 64, device="cuda")
+    args = cuda_backend.decode_arguments(q, q, q, torch.ones(1, device="cuda"), state,
+                                         torch.zeros(1, dtype=torch.int32, device="cuda"), 1.0, torch.empty_like(q))
+    with pytest.raises(TypeError):
+        ext.lightning_decode(*args.values())
+    with pytest.raises(TypeError):
+        ext.lightning_decode(**dict(args, dtype=0))

@@ -71,7 +71,7 @@ def test_slot_cache_prefill_reads_and_writes_slots():
     cache = torch.randn(5, 2, 128, 128, device="cuda")
     slots = torch.tensor([4, -1, 1], dtype=torch.int32, device="cuda")
     before = cache.clone()
-    o = cuda_backend.lightning_fwd_slots(q, k, v, slope, cache, slots, None, 1.0)
+    o = cuda_backend.lightning_fwd_with_cache(q, k, v, slope, cache, slots, None, 1.0)
     o_ref, s_ref = cuda_backend.lightning_fwd(q, k, v, slope, before[[4, 0, 1]].contiguous(), None, 1.0)
     torch.testing.assert_close(o[0], o_ref[0])
     torch.testing.assert_close(o[2], o_ref[2])
@@ -94,10 +94,16 @@ def test_long_sequence_last_layer_bf16():
     assert_within_2x("final", final.double(), s64, s_pt.float())
 
 
-def test_fp32_rejected_clearly():
+def test_fp32_and_other_head_dims_rejected_clearly():
+    """The backend table's limits for the cuda prefill, raised when it is asked for."""
+    from m1_kernels import lightning_ops
+
     (q, k, v), slope, _ = _inputs(1, 8, 1, 64, 64, torch.float32, 0, 0)
-    with pytest.raises(TypeError, match="bf16 or fp16"):
-        cuda_backend.lightning_fwd(q, k, v, slope, None, None, 1.0)
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        lightning_ops.lightning_attn(q, k, v, slope, backend="cuda")
+    (q, k, v), slope, _ = _inputs(1, 8, 1, 32, 64, torch.bfloat16, 0, 0)
+    with pytest.raises(ValueError, match="cuda backend takes head dims"):
+        lightning_ops.lightning_attn(q, k, v, slope, backend="cuda")
 
 
 def test_public_api_continuation_gradients_and_opcheck():

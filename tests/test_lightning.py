@@ -11,8 +11,9 @@ import torch
 from hypothesis import given, strategies as st
 
 from m1_kernels import lightning_ops
+from m1_kernels.dispatch import Backend, resolve_backend
 from m1_kernels.lightning_ops import ops
-from m1_kernels.dispatch import resolve_backend
+from m1_kernels.lightning_ops.backends import CUDA_HEAD_DIMS, OP_BACKENDS, TRITON_HEAD_DIMS
 from numerics import DEVICE, assert_within_2x, nan_filled_outputs, require_backend
 from m1_kernels.reference import lightning as RL
 
@@ -21,20 +22,37 @@ ON_GPU = DEVICE.type == "cuda"
 T_VALUES = [1, 63, 64, 65, 200, 257, 1000] if ON_GPU else [1, 15, 16, 17, 63, 64, 65, 130]
 
 
-def _backend_param(name, implemented):
+ATTN_BACKENDS = [b.name for b in OP_BACKENDS["lightning_attn"]]
+DECODE_BACKENDS = [b.name for b in OP_BACKENDS["lightning_attn_decode"]]
+
+
+def _backend_param(name):
     marks = [pytest.mark.gpu] if name == "cuda" else []
     return pytest.param(name, marks=marks, id=name)
 
 
 # The cuda prefill takes bf16/fp16 only (tensor-core operands); tests/test_cuda_prefill.py covers it.
-ATTN = [_backend_param(b, ops.ATTN_BACKENDS) for b in ("torch", "triton")]
-DECODE = [_backend_param(b, ops.DECODE_BACKENDS) for b in ("torch", "triton", "cuda")]
+ATTN = [_backend_param(b) for b in ("torch", "triton")]
+DECODE = [_backend_param(b) for b in ("torch", "triton", "cuda")]
 # The torch backend is plain PyTorch, not a torch.library op: opcheck applies to the kernel backends.
 ATTN_KERNELS, DECODE_KERNELS = ATTN[1:], DECODE[1:]
 
 
-def head_dims(backend):
-    return [8, 64] if backend == "torch" else ([64, 128] if ON_GPU else [64])
+def head_dim_pairs(backend):
+    """(D, Dv) pairs to draw: every kernel size on the GPU; under the interpreter the smallest sizes,
+    mixed pairs and 256 against a small partner (256 x 256 costs the CPU too much)."""
+    if backend == "torch":
+        return [(8, 8), (8, 64), (64, 8), (64, 64)]
+    if backend == "cuda":
+        return [(D, Dv) for D in CUDA_HEAD_DIMS for Dv in CUDA_HEAD_DIMS]
+    if ON_GPU:
+        return [(D, Dv) for D in TRITON_HEAD_DIMS for Dv in TRITON_HEAD_DIMS]
+    return [(16, 16), (32, 32), (64, 64), (16, 32), (256, 16), (32, 256)]
+
+
+def main_dim(backend):
+    """The head dim of the tests that are not about head dims: M1's on the GPU."""
+    return 128 if ON_GPU and backend != "torch" else 64
 
 
 def make_inputs(B, T, H, D, Dv, dtype, seed, layer=0, num_layers=80, with_h0=True, N=None):
@@ -62,13 +80,12 @@ def reference(q, k, v, slope, h0, scale=1.0, dtype=torch.float64, cu_seqlens=Non
 @pytest.mark.parametrize("backend", ATTN)
 @given(data=st.data())
 def test_forward_matches_reference(backend, data):
-    require_backend(backend, ops.ATTN_BACKENDS)
+    require_backend(backend, ATTN_BACKENDS)
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU or backend == "torch" else [])
     B = data.draw(st.integers(1, 2))
     T = data.draw(st.sampled_from(T_VALUES))
     H = data.draw(st.integers(1, 3))
-    D = data.draw(st.sampled_from(head_dims(backend)))
-    Dv = data.draw(st.sampled_from(head_dims(backend)))
+    D, Dv = data.draw(st.sampled_from(head_dim_pairs(backend)))
     dtype = data.draw(st.sampled_from(dtypes))
     layer = data.draw(st.sampled_from([0, 40, 78]))
     with_h0 = data.draw(st.booleans())
@@ -86,14 +103,17 @@ def test_forward_matches_reference(backend, data):
 
 
 @pytest.mark.parametrize("backend", ATTN)
-@given(T=st.sampled_from(T_VALUES), with_h0=st.booleans(), seed=st.integers(0, 2**16))
-def test_gradients_match_reference(backend, T, with_h0, seed):
-    require_backend(backend, ops.ATTN_BACKENDS)
-    D = head_dims(backend)[-1]
-    q, k, v, slope, h0 = make_inputs(1, T, 2, D, D, torch.float32, seed, layer=78, with_h0=with_h0)
+@given(data=st.data())
+def test_gradients_match_reference(backend, data):
+    require_backend(backend, ATTN_BACKENDS)
+    T = data.draw(st.sampled_from(T_VALUES))
+    D, Dv = data.draw(st.sampled_from(head_dim_pairs(backend)))
+    with_h0 = data.draw(st.booleans())
+    seed = data.draw(st.integers(0, 2**16))
+    q, k, v, slope, h0 = make_inputs(1, T, 2, D, Dv, torch.float32, seed, layer=78, with_h0=with_h0)
     g = torch.Generator().manual_seed(seed + 1)
-    do = torch.randn(q.shape[:-1] + (D,), dtype=torch.float64, generator=g)
-    dfinal = torch.randn(1, 2, D, D, dtype=torch.float64, generator=g)
+    do = torch.randn(q.shape[:-1] + (Dv,), dtype=torch.float64, generator=g)
+    dfinal = torch.randn(1, 2, D, Dv, dtype=torch.float64, generator=g)
 
     def grads(fn, tensors, cast):
         leaves = [x.detach().to(cast).requires_grad_() for x in tensors]
@@ -120,8 +140,8 @@ def test_gradients_match_reference(backend, T, with_h0, seed):
 
 @pytest.mark.parametrize("backend", ATTN)
 def test_varlen_equals_separate_calls(backend):
-    require_backend(backend, ops.ATTN_BACKENDS)
-    D = head_dims(backend)[-1]
+    require_backend(backend, ATTN_BACKENDS)
+    D = main_dim(backend)
     lengths = [0, 1, 17, 64, 5] if not ON_GPU else [0, 1, 300, 64, 1000, 7]
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=DEVICE)
     total = int(cu[-1])
@@ -144,8 +164,8 @@ def test_varlen_equals_separate_calls(backend):
 @pytest.mark.parametrize("backend", ATTN)
 @given(T1=st.sampled_from(T_VALUES), T2=st.sampled_from(T_VALUES), seed=st.integers(0, 2**16))
 def test_prefill_continues_from_state(backend, T1, T2, seed):
-    require_backend(backend, ops.ATTN_BACKENDS)
-    D = head_dims(backend)[-1]
+    require_backend(backend, ATTN_BACKENDS)
+    D = main_dim(backend)
     q, k, v, slope, h0 = make_inputs(2, T1 + T2, 2, D, D, torch.float32, seed, layer=78)
     o, final = lightning_ops.lightning_attn(q, k, v, slope, initial_state=h0, output_final_state=True,
                                             backend=backend)
@@ -158,11 +178,13 @@ def test_prefill_continues_from_state(backend, T1, T2, seed):
 
 
 @pytest.mark.parametrize("backend", DECODE)
-@given(B=st.integers(1, 6), D=st.sampled_from([64, 128]), Dv=st.sampled_from([64, 128]),
-       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), seed=st.integers(0, 2**16))
-def test_decode_matches_reference(backend, B, D, Dv, dtype, seed):
-    require_backend(backend, ops.DECODE_BACKENDS)
-    g = torch.Generator().manual_seed(seed)
+@given(data=st.data())
+def test_decode_matches_reference(backend, data):
+    require_backend(backend, DECODE_BACKENDS)
+    B = data.draw(st.integers(1, 6))
+    D, Dv = data.draw(st.sampled_from(head_dim_pairs(backend)))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
     H, S = 3, 8
     q, k, v = (torch.randn(B, H, d, generator=g, dtype=torch.float64) for d in (D, D, Dv))
     state = torch.randn(S, H, D, Dv, generator=g, dtype=torch.float64)
@@ -185,7 +207,7 @@ def test_decode_matches_reference(backend, B, D, Dv, dtype, seed):
 
 @pytest.mark.parametrize("backend", DECODE)
 def test_token_by_token_decode_equals_prefill(backend):
-    require_backend(backend, ops.DECODE_BACKENDS)
+    require_backend(backend, DECODE_BACKENDS)
     T, B, H, D = 20, 2, 2, 64
     q, k, v, slope, h0 = make_inputs(B, T, H, D, D, torch.float32, 7, layer=0)
     o_ref, s_ref = lightning_ops.lightning_attn(q, k, v, slope, initial_state=h0, output_final_state=True,
@@ -203,7 +225,7 @@ def test_token_by_token_decode_equals_prefill(backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", DECODE)
 def test_decode_captures_in_cuda_graph(backend):
-    require_backend(backend, ops.DECODE_BACKENDS)
+    require_backend(backend, DECODE_BACKENDS)
     B, H, D, S = 4, 8, 128, 6
     q, k, v = (torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     slope = lightning_ops.slopes(H, 0, 80, device="cuda")
@@ -229,8 +251,8 @@ def test_decode_captures_in_cuda_graph(backend):
 
 @pytest.mark.parametrize("backend", ATTN_KERNELS)
 def test_opcheck_lightning_attn(backend):
-    backend = require_backend(backend, ops.ATTN_BACKENDS)
-    D = head_dims(backend)[-1]
+    backend = require_backend(backend, ATTN_BACKENDS)
+    D = main_dim(backend)
     q, k, v, slope, h0 = make_inputs(1, 33, 2, D, D, torch.float32, 0)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     cu = torch.tensor([0, 10, 33], dtype=torch.int32, device=DEVICE)
@@ -242,7 +264,7 @@ def test_opcheck_lightning_attn(backend):
 
 @pytest.mark.parametrize("backend", DECODE_KERNELS)
 def test_opcheck_decode(backend):
-    backend = require_backend(backend, ops.DECODE_BACKENDS)
+    backend = require_backend(backend, DECODE_BACKENDS)
     q, k, v = (torch.randn(3, 2, 64, device=DEVICE) for _ in range(3))
     state = torch.randn(4, 2, 64, 64, device=DEVICE)
     slots = torch.tensor([2, -1, 0], dtype=torch.int32, device=DEVICE)
@@ -252,8 +274,8 @@ def test_opcheck_decode(backend):
 
 @pytest.mark.parametrize("backend", ATTN)
 def test_torch_compile(backend):
-    backend = require_backend(backend, ops.ATTN_BACKENDS)
-    D = head_dims(backend)[-1]
+    backend = require_backend(backend, ATTN_BACKENDS)
+    D = main_dim(backend)
     q, k, v, slope, h0 = make_inputs(1, 40, 2, D, D, torch.float32, 1)
 
     def f(q, k, v, h0):
@@ -284,6 +306,9 @@ def _good(T=8, D=64):
     (lambda a: a.update(q=a["q"].transpose(2, 3).contiguous().transpose(2, 3)), ValueError, "unit stride"),
     (lambda a: a.update(slope=a["slope"][:1]), ValueError, "slope must have shape"),
     (lambda a: a.update(slope=a["slope"].double()), TypeError, "slope must have dtype"),
+    (lambda a: a.update(slope=-a["slope"]), ValueError, "slope must hold finite rates >= 0"),
+    (lambda a: a.update(slope=a["slope"] / 0), ValueError, "slope must hold finite rates >= 0"),
+    (lambda a: a.update(slope=torch.tensor([0.5, float("nan")])), ValueError, "slope must hold finite rates"),
     (lambda a: a.update(initial_state=a["initial_state"][:, :1].contiguous()), ValueError, "initial_state"),
     (lambda a: a.update(initial_state=a["initial_state"].half()), TypeError, "initial_state must have dtype"),
     (lambda a: a.update(cu_seqlens=torch.tensor([0, 5, 3, 8], dtype=torch.int32)), ValueError, "non-decreasing|initial_state"),
@@ -313,6 +338,8 @@ def test_decode_bad_input_rejected():
     state = torch.zeros(3, 2, 64, 64)
     with pytest.raises(ValueError, match="slot_idx holds slot 3"):
         lightning_ops.lightning_attn_decode(q, k, v, slope, state, slot_idx=torch.tensor([0, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="slot_idx must hold distinct slots"):
+        lightning_ops.lightning_attn_decode(q, k, v, slope, state, slot_idx=torch.tensor([1, 1], dtype=torch.int32))
     with pytest.raises(TypeError, match="slot_idx must have dtype"):
         lightning_ops.lightning_attn_decode(q, k, v, slope, state, slot_idx=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="state must have shape"):
@@ -323,18 +350,114 @@ def test_decode_bad_input_rejected():
         lightning_ops.lightning_attn_decode(q, k, v, slope, state.half())
     with pytest.raises(ValueError, match="2 slots for a batch of 2|slots for a batch"):
         lightning_ops.lightning_attn_decode(q, k, v, slope, state[:1])
+    for bad in (-slope, slope.clone().fill_(float("inf")), torch.tensor([float("nan"), 0.5])):
+        with pytest.raises(ValueError, match="slope must hold finite rates >= 0"):
+            lightning_ops.lightning_attn_decode(q, k, v, bad, state)
+    assert (state == 0).all()
+    # Padding rows may share the negative slot; a zero rate (no decay) is allowed.
+    lightning_ops.lightning_attn_decode(q, k, v, torch.zeros(2), state, slot_idx=torch.tensor([-1, -1], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("backend", ATTN)
+def test_with_cache_bad_input_rejected(backend):
+    backend = require_backend(backend, ATTN_BACKENDS)
+    q, k, v, slope, _ = make_inputs(2, 8, 2, 64, 64, torch.float32, 0)
+    cache = torch.zeros(3, 2, 64, 64, device=DEVICE)
+    slots = torch.tensor([0, 2], dtype=torch.int32, device=DEVICE)
+
+    def call(**changes):
+        args = dict(q=q, k=k, v=v, slope=slope, cache=cache, slot_idx=slots, backend=backend) | changes
+        with torch.no_grad():
+            return lightning_ops.lightning_attn_with_cache(*[args.pop(n) for n in ("q", "k", "v", "slope", "cache",
+                                                                                  "slot_idx")], **args)
+
+    with pytest.raises(ValueError, match="slot_idx must have shape"):
+        call(slot_idx=slots[:1])
+    with pytest.raises(TypeError, match="slot_idx must have dtype"):
+        call(slot_idx=slots.long())
+    with pytest.raises(ValueError, match="cache must have shape"):
+        call(cache=cache[:, :1].contiguous())
+    with pytest.raises(TypeError, match="cache must have dtype"):
+        call(cache=cache.double())
+    with pytest.raises(ValueError, match="slope must hold finite rates >= 0"):
+        call(slope=-slope)
+    with pytest.raises(ValueError, match="needs B == 1"):
+        call(cu_seqlens=torch.tensor([0, 8], dtype=torch.int32, device=DEVICE))
+    if DEVICE.type == "cpu":  # slots are read on the host for CPU tensors only
+        with pytest.raises(ValueError, match="slot_idx holds slot 3"):
+            call(slot_idx=torch.tensor([0, 3], dtype=torch.int32))
+        with pytest.raises(ValueError, match="slot_idx must hold distinct slots"):
+            call(slot_idx=torch.tensor([2, 2], dtype=torch.int32))
+    assert (cache == 0).all()
+    leaf = q.detach().requires_grad_()
+    with pytest.raises(RuntimeError, match="lightning_attn_with_cache is in-place inference"):
+        lightning_ops.lightning_attn_with_cache(leaf, k, v, slope, cache, slots, backend=backend)
+
+
+def test_layer_rejects_inputs_that_are_not_3d():
+    layer = lightning_ops.LightningAttention(32, 2, 16, 0, 4)
+    with pytest.raises(ValueError, match="hidden_states must be 3-D"):
+        layer(torch.randn(5, 32))
+    with pytest.raises(ValueError, match=r"hidden_states must be \[B, T, 32\]"):
+        layer(torch.randn(1, 5, 16))
+    with pytest.raises(TypeError, match="hidden_states must be a torch.Tensor"):
+        layer([[0.0] * 32])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_bad_slope_on_cuda(backend):
+    """On CUDA the prefill checks each slope tensor on the host once (and again after an in-place
+    change); decode never reads it on the host, and its kernels give NaN instead of wrong numbers."""
+    require_backend(backend, DECODE_BACKENDS)
+    q, k, v = (torch.randn(1, 70, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    slope = lightning_ops.slopes(2, 0, 80, device="cuda")
+    lightning_ops.lightning_attn(q, k, v, slope, backend=backend)
+    assert ops._VALID_SLOPES.get(slope) == slope._version
+    slope.neg_()
+    with pytest.raises(ValueError, match="slope must hold finite rates >= 0"):
+        lightning_ops.lightning_attn(q, k, v, slope, backend=backend)
+    with pytest.raises(ValueError, match="slope must hold finite rates >= 0"):
+        with torch.no_grad():
+            lightning_ops.lightning_attn_with_cache(q, k, v, slope, torch.zeros(1, 2, 64, 64, device="cuda"),
+                                                    torch.zeros(1, dtype=torch.int32, device="cuda"), backend=backend)
+    state = torch.zeros(2, 2, 64, 64, device="cuda")
+    bad = torch.tensor([0.5, float("inf")], device="cuda")
+    o = lightning_ops.lightning_attn_decode(q[:, 0], k[:, 0], v[:, 0], bad, state[:1], backend=backend)
+    assert torch.isnan(o[:, 1]).all() and torch.isnan(state[0, 1]).all()
+    assert torch.isfinite(o[:, 0]).all() and torch.isfinite(state[0, 0]).all() and (state[1] == 0).all()
 
 
 def test_default_backend_skips_kernels_that_cannot_take_the_arguments(monkeypatch):
-    """A tiny model's head dim (16) has no kernel: the default falls through to torch, while asking
-    for a kernel backend raises."""
+    """A tiny model's head dim (8) has no kernel: the default falls through to torch, while asking for a
+    kernel backend raises; the table's rows say why."""
     monkeypatch.delenv("M1_OPS_BACKEND", raising=False)
-    def unsupported(backend):
-        return None if backend == "torch" else f"no {backend} kernel for head dim 16"
     cuda = torch.device("cuda")
-    assert resolve_backend("op", None, ("triton", "torch"), cuda, unsupported) == "torch"
-    with pytest.raises(ValueError, match="no triton kernel for head dim 16"):
-        resolve_backend("op", "triton", ("triton", "torch"), cuda, unsupported)
+    rows = [Backend("triton", None, "", (), unsupported=lambda op, head_dim: f"no {op} kernel for D={head_dim}"),
+            Backend("torch", None, "", (), custom_ops=False)]
+    assert resolve_backend("op", None, rows, cuda, head_dim=8) is rows[1]
+    with pytest.raises(ValueError, match="op: no op kernel for D=8"):
+        resolve_backend("op", "triton", rows, cuda, head_dim=8)
+    q, k, v = (torch.randn(1, 3, 2, 8) for _ in range(3))
+    with pytest.raises(ValueError, match="triton backend takes head dims"):
+        lightning_ops.lightning_attn(q, k, v, lightning_ops.slopes(2, 0, 80), backend="triton")
+
+
+def test_backend_table_declares_borrowing_and_limits():
+    """The table behind the README: the cuda backend's backward is Triton's, said in the row and used
+    by the op; a borrowing backend is unavailable where its lender is."""
+    from m1_kernels.dispatch import backend_table_markdown
+
+    by_name = {b.name: b for b in lightning_ops.BACKENDS}
+    assert by_name["cuda"].borrows == {"backward": "triton"}
+    assert ops._impl("cuda", "backward") is by_name["triton"].impl
+    assert ops._impl("cuda") is by_name["cuda"].impl
+    text = backend_table_markdown("Lightning attention", lightning_ops.BACKENDS, OP_BACKENDS)
+    for b in lightning_ops.BACKENDS:
+        assert f"| `{b.name}` | {b.runs_on} |" in text
+    assert "backward: `triton`" in text and "`lightning_attn_decode`: `cuda` > `triton` > `torch`" in text
+    lender_missing = Backend("torch", None, "", (), borrows={"backward": "cuda"})
+    assert "borrows from 'cuda'" in (lender_missing.device_error(torch.device("cpu")) or "")
 
 
 def test_cuda_backend_unavailable_raises_clearly(monkeypatch):

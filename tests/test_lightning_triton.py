@@ -115,6 +115,23 @@ def test_varlen_gradients_match_reference(lengths):
         assert_within_2x(name, a.cpu(), r, r.float(), atol=1e-4)
 
 
+@needs_triton
+@pytest.mark.parametrize("D, Dv", [(16, 16), (32, 32), (256, 16), (16, 256)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_head_dims_across_segments(D, Dv, reverse):
+    """The smallest and largest head dims (value tiles narrower than Dv, blocks crossing segments) in
+    both time directions, against the float64 reference."""
+    q, k, v, slope, h0 = inputs(1, 129, 1, D, Dv, 4, layer=78)
+    with nan_filled_outputs():
+        o, final = _chunk()(q, k, v, slope, h0, None, out_scale=0.5, final="new", reverse=reverse, segment_len=64)
+    flip = (lambda x: x.flip(1)) if reverse else (lambda x: x)
+    lam = torch.exp(-slope.double().cpu())[None, :, None, None]
+    o64, s64 = reference64(flip(q), flip(k), flip(v), slope, h0.double().cpu() / lam if reverse else h0, scale=0.5)
+    s64 = s64 * lam if reverse else s64
+    assert_within_2x("o", flip(o.cpu()), o64, o64.float(), atol=2e-5)
+    assert_within_2x("final", final.cpu(), s64, s64.float(), atol=2e-5)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Prefill from a slot cache (serving): each backend
 
@@ -137,9 +154,7 @@ def test_slot_prefill_reads_and_writes_slots(backend, varlen):
     o_ref, f_ref = lightning_ops.lightning_attn(q, k, v, slope, initial_state=h0, output_final_state=True,
                                                 cu_seqlens=cu, backend="torch")
     with torch.no_grad(), nan_filled_outputs():
-        o, none = lightning_ops.lightning_attn(q, k, v, slope, initial_state=cache, slot_idx=slots,
-                                               cu_seqlens=cu, backend=backend)
-    assert none is None
+        o = lightning_ops.lightning_attn_with_cache(q, k, v, slope, cache, slots, cu_seqlens=cu, backend=backend)
     pad = slice(5, 5) if varlen else slice(1, 2)          # padding sequence: zero output
     keep = [0, 2]
     if varlen:
@@ -165,8 +180,8 @@ def test_chunked_prefill_then_decode_equals_one_prefill(backend):
     outs = []
     with torch.no_grad():
         for a, b in ((0, T1), (T1, T1 + T2)):
-            outs.append(lightning_ops.lightning_attn(q[:, a:b], k[:, a:b], v[:, a:b], slope, initial_state=cache,
-                                                     slot_idx=slot, backend=backend)[0])
+            outs.append(lightning_ops.lightning_attn_with_cache(q[:, a:b], k[:, a:b], v[:, a:b], slope, cache, slot,
+                                                                backend=backend))
         for t in range(T1 + T2, T1 + T2 + T3):
             outs.append(lightning_ops.lightning_attn_decode(q[:, t], k[:, t], v[:, t], slope, cache, slot_idx=slot,
                                                             backend=backend)[:, None])
@@ -175,35 +190,17 @@ def test_chunked_prefill_then_decode_equals_one_prefill(backend):
     assert (cache[:2] == 0).all()
 
 
-def test_slot_prefill_bad_input_rejected():
-    q, k, v, slope, cache = (x.cpu() for x in inputs(2, 8, 2, 64, 64, 0, N=3))
-    slots = torch.tensor([0, 2], dtype=torch.int32)
-    with pytest.raises(ValueError, match="slot_idx needs initial_state"):
-        lightning_ops.lightning_attn(q, k, v, slope, slot_idx=slots)
-    with pytest.raises(ValueError, match="slot_idx holds slot 3"):
-        lightning_ops.lightning_attn(q, k, v, slope, initial_state=cache,
-                                     slot_idx=torch.tensor([0, 3], dtype=torch.int32))
-    with pytest.raises(ValueError, match="slot_idx must have shape"):
-        lightning_ops.lightning_attn(q, k, v, slope, initial_state=cache, slot_idx=slots[:1])
-    with pytest.raises(TypeError, match="slot_idx must have dtype"):
-        lightning_ops.lightning_attn(q, k, v, slope, initial_state=cache, slot_idx=slots.long())
-    with pytest.raises(ValueError, match="output_final_state must be False"):
-        lightning_ops.lightning_attn(q, k, v, slope, initial_state=cache, slot_idx=slots, output_final_state=True)
-    with pytest.raises(ValueError, match="slot cache"):
-        lightning_ops.lightning_attn(q, k, v, slope, initial_state=cache[:, :1].contiguous(), slot_idx=slots)
-
-
 @needs_triton
 def test_opcheck_slot_prefill():
     q, k, v, slope, cache = inputs(1, 33, 2, 64, 64, 0, N=4)
     cu = torch.tensor([0, 10, 10, 33], dtype=torch.int32, device=DEVICE)
     slots = torch.tensor([3, -1, 0], dtype=torch.int32, device=DEVICE)
-    torch.library.opcheck(ops._attn_fwd_slots, (q, k, v, slope, cache, slots, cu, 1.0, "triton"))
-    torch.library.opcheck(ops._attn_fwd_slots, (q, k, v, slope, cache, slots[:1], None, 0.5, "triton"))
+    torch.library.opcheck(ops._with_cache, (q, k, v, slope, cache, slots, cu, 1.0, "triton"))
+    torch.library.opcheck(ops._with_cache, (q, k, v, slope, cache, slots[:1], None, 0.5, "triton"))
 
 
 @needs_triton
-@pytest.mark.parametrize("D, Dv", [(32, 64), (64, 96), (8, 8)])
+@pytest.mark.parametrize("D, Dv", [(64, 96), (8, 8), (512, 64)])
 def test_triton_rejects_unsupported_head_dims(D, Dv):
     q, k, v, slope, h0 = inputs(1, 4, 2, D, Dv, 0)
     with pytest.raises(ValueError, match="head dims"):
@@ -335,15 +332,18 @@ def test_real_shape_forward_backward(layer):
 
 
 @pytest.mark.gpu
-def test_every_autotune_config_matches_the_first():
-    """The suite pins config 0 of each autotuned kernel (tests/conftest.py); here every config of the
-    two prefill kernels runs a bf16 varlen pack forward and backward, and its error against float64
-    stays within 2x of config 0's."""
+@pytest.mark.parametrize("D, Dv", [(16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (256, 32), (32, 256)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_every_autotune_config_matches_the_first(D, Dv, dtype):
+    """The suite pins config 0 of each autotuned kernel (tests/conftest.py); here every config that the
+    pruning keeps for these head dims and dtype (chunk.OUTPUT_TIERS, KV_TIERS: each must fit the GPU's
+    shared memory) runs a varlen pack forward and backward, and its error against float64 stays within
+    2x of config 0's."""
     from m1_kernels.lightning_ops.triton import chunk
     kernels = [chunk._segment_kv_kernel, chunk._segment_output_kernel]
     lengths = [0, 1, 1000, 64, 2500]
     cu = cu_of(lengths)
-    q, k, v, slope, h0 = inputs(1, sum(lengths), 2, 128, 128, 3, layer=40, N=len(lengths), dtype=torch.bfloat16)
+    q, k, v, slope, h0 = inputs(1, sum(lengths), 2, D, Dv, 3, layer=40, N=len(lengths), dtype=dtype)
     do = torch.randn_like(v)
     dfinal = torch.randn_like(h0)
 
@@ -364,9 +364,9 @@ def test_every_autotune_config_matches_the_first():
                                         initial_state=h0_)
 
     runs = []
-    for index in range(max(len(kernel.configs) for kernel in kernels)):
+    for index in range(max(len(tier) for tier in chunk.OUTPUT_TIERS + chunk.KV_TIERS)):
         with triton_config(index, kernels), nan_filled_outputs():
-            runs.append(outputs_and_grads(ours, torch.bfloat16))
+            runs.append(outputs_and_grads(ours, dtype))
     ref = outputs_and_grads(truth, torch.float64)
     names = ["o", "final", "dq", "dk", "dv", "dh0"]
     for index, run in enumerate(runs[1:], 1):

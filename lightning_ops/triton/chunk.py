@@ -6,11 +6,13 @@ rate s (lambda = exp(-s)) and time running forwards, or backwards through each s
     S_t = lambda S_{t-1} + kv_scale * k_t^T v_t        S_{-1} = h0 (zeros if absent)
     o_t = out_scale * q_t S_t                           final = S_{L-1}
 
-Each sequence is cut into segments of `segment_len` tokens (a multiple of the block, BT = 64), so that
-(segments x heads x value tiles) programs fill the GPU without ever storing a per-block state:
+Each sequence is cut into segments of `segment_len` tokens (a multiple of 64), so that
+(segments x heads x value tiles) programs fill the GPU without ever storing a per-block state. Head
+dims D, Dv in {16, 32, 64, 128, 256}; the kernels walk a segment in blocks of BT tokens and split Dv
+into tiles of BV columns (autotuned, see OUTPUT_TIERS):
 
 1. `_segment_kv_kernel` reads k, v of one segment once and writes its decayed key-value sum
-   sum_j lambda^(end-1-j) k_j^T v_j (fp32, [D, Dv]). When the final state is returned, half-precision
+   sum_j lambda^(end-1-j) k_j^T v_j (fp32, [D, Dv], one program per value tile). When the final state is returned, half-precision
    decayed keys go to the tensor cores as a hi + lo pair, so segment sums and final states are as
    exact as an fp32 computation on the same inputs; otherwise the states only feed the half-precision
    output (as pass 3's on-chip state always does), one dot suffices and the last segment of each
@@ -30,6 +32,7 @@ pass 1 (except the last segment of each sequence when no final state is asked fo
 segments pass 1 reads little), plus 4 state-sized fp32 tiles per segment (~3% at the default length).
 """
 
+import functools
 import math
 
 import torch
@@ -38,22 +41,76 @@ import triton.language as tl
 
 from m1_kernels.dispatch import autotune_prune, triton_interpreted
 
-BLOCK_T = 64          # tokens per block inside a segment (the intra-block attention is BT x BT)
+BLOCK_T = 64          # segment lengths are multiples of this; the kernels' blocks (BT) divide it
 SCAN_ELEMENTS = 1024  # state elements per scan program
 MAX_SEGMENT = 16384
 
 
-def _configs(options):
+# Config tiers, each (BV, BT, num_warps, num_stages) = (value columns, tokens per block, warps, stages).
+# The autotuner times the configs of the first tier that has any fitting config for the call's head dims
+# and dtype (`_fitting_tier`); the first fitting config is what M1_TRITON_CONFIG=0 (the test suites)
+# runs. Tier 1 is the set the H200 sweeps chose from at D = Dv = 128 (bench/NOTES.md); tier 2 serves
+# what tier 1 cannot: D = 256 and fp32 at large head dims.
+#
+# ptxas (sm_90a, bf16, 16-byte-aligned pointers as Triton specialises them), output kernel: D = Dv = 128
+# BV 64 uses 245 registers at 4 warps (2 programs per SM), 207 at 8; BV 128 255 at 8 (3 stages spill 56
+# bytes); BV 64 at 8 warps, 2 stages was never better than 3 stages. D = Dv = 256: BV 64 BT 64 at 8 warps
+# 255 registers, no spill, 168 KB shared memory; BV 32 at 4 warps 244 registers, 148 KB. Segment-sum
+# kernel, D = Dv = 256: BV 128 at 8 warps 255 registers, 96 KB; BV 64 BT 32 184 registers.
+OUTPUT_TIERS = [[(64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3)],
+                [(64, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)]]
+KV_TIERS = [[(128, 64, 8, 2), (128, 64, 8, 3)],
+            [(64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 1)]]
+# fp32 state-tile elements per thread kept in registers (the [D, BV] tile lives across the block loop):
+# above this ptxas runs out of registers and spills.
+MAX_TILE_PER_THREAD = 64
+
+
+def _configs(tiers):
     """Autotune configs; one under the interpreter (it would time nothing useful)."""
+    options = [c for tier in tiers for c in tier]
     if triton_interpreted():
         options = options[:1]
-    return [triton.Config(dict(kw), num_warps=w, num_stages=s) for kw, w, s in options]
+    return [triton.Config(dict(BV=bv, BT=bt), num_warps=w, num_stages=st) for bv, bt, w, st in options]
 
 
-def _prune_value_tiles(configs, named_args, **kwargs):
-    """Drop value tiles wider than Dv (constexprs arrive in kwargs, runtime arguments in named_args)."""
-    dv = kwargs.get("DV", named_args.get("DV"))
-    return [c for c in configs if c.kwargs["BV"] <= dv]
+@functools.cache
+def _shared_memory_limit(device_index):
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+
+
+def _fitting_tier(tiers, shared_bytes, tensor_arg):
+    """`early_config_prune` for a kernel with config `tiers`: the first tier's configs that fit the call
+    (value tiles clipped to Dv, duplicates dropped; registers and an upper bound of the shared memory,
+    `shared_bytes(D, TV, BT, stages, element size)`, within the GPU's limits). Constexprs arrive in
+    kwargs, runtime arguments in named_args."""
+    def prune(configs, named_args, **kwargs):
+        D, DV = kwargs["D"], kwargs["DV"]
+        x = named_args[tensor_arg]
+        limit = _shared_memory_limit(x.device.index)
+        for tier in tiers:
+            kept, seen = [], set()
+            for bv, bt, w, st in tier:
+                tv = min(bv, DV)
+                if (tv, bt, w, st) in seen or D * tv > MAX_TILE_PER_THREAD * 32 * w \
+                        or shared_bytes(D, tv, bt, st, x.element_size()) > limit:
+                    continue
+                seen.add((tv, bt, w, st))
+                kept.append(triton.Config(dict(BV=bv, BT=bt), num_warps=w, num_stages=st))
+            if kept:
+                return kept
+        raise ValueError(f"no Triton lightning config fits D={D}, Dv={DV} on this GPU")
+    return prune
+
+
+def _output_shared_bytes(D, tv, bt, stages, size):
+    """q, k [BT, D] and v [BT, TV] per pipeline stage, plus staged dot operands (measured within it)."""
+    return (stages * (2 * bt * D + bt * tv) + bt * tv + bt * D) * size
+
+
+def _kv_shared_bytes(D, tv, bt, stages, size):
+    """k [BT, D] and v [BT, TV] per pipeline stage, plus the decayed keys (hi and lo) as dot operands."""
+    return (stages * (bt * D + bt * tv) + 2 * bt * D) * size
 
 
 @triton.jit
@@ -87,30 +144,33 @@ def _sequence_bases(q_ptr, k_ptr, v_ptr, o_ptr, bos, L, h, H: tl.constexpr, D: t
             o_ptr + first * (H * DV) + h * DV, sign * (H * D), sign * (H * DV))
 
 
-@triton.autotune(configs=_configs([({}, 8, 2), ({}, 8, 3)]), key=["H", "D", "DV", "REVERSE"],
-                 prune_configs_by=dict(early_config_prune=autotune_prune()))
+@triton.autotune(configs=_configs(KV_TIERS), key=["H", "D", "DV", "REVERSE"],
+                 prune_configs_by=dict(early_config_prune=autotune_prune(
+                     _fitting_tier(KV_TIERS, _kv_shared_bytes, "k_ptr"))))
 @triton.jit
 def _segment_kv_kernel(k_ptr, v_ptr, slope_ptr, kv_ptr, seg_seq_ptr, seg_lo_ptr, cu_ptr, T, G, SEG, kv_scale,
-                       H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
+                       H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                        REVERSE: tl.constexpr, VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
                        SPLIT: tl.constexpr, LAST_SUM: tl.constexpr):
+    TV: tl.constexpr = min(BV, DV)  # value columns of this program
     g = tl.program_id(0)
     h = tl.program_id(1)
+    iv = tl.program_id(2)
     n, bos, L, lo, hi = _segment_bounds(g, seg_seq_ptr, seg_lo_ptr, cu_ptr, T, G, SEG, VARLEN)
     if not LAST_SUM:  # only the final state needs the last segment's sum: store zeros, read nothing
         hi = tl.where(hi >= L, lo, hi)
     s = tl.load(slope_ptr + h)
     rows = tl.arange(0, BT)
     d = tl.arange(0, D)
-    e = tl.arange(0, DV)
+    e = iv * TV + tl.arange(0, TV)
     _, k_seq, v_seq, _, row_stride_k, row_stride_v = _sequence_bases(
         k_ptr, k_ptr, v_ptr, v_ptr, bos, L, h, H, D, DV, REVERSE)
-    acc = tl.zeros([D, DV], dtype=tl.float32)
+    acc = tl.zeros([D, TV], dtype=tl.float32)
     for b0 in range(lo, hi, BT):
         t = b0 + rows
         live = t < hi
         p_k = tl.make_block_ptr(k_seq, (hi, D), (row_stride_k, 1), (b0, 0), (BT, D), (1, 0))
-        p_v = tl.make_block_ptr(v_seq, (hi, DV), (row_stride_v, 1), (b0, 0), (BT, DV), (1, 0))
+        p_v = tl.make_block_ptr(v_seq, (hi, DV), (row_stride_v, 1), (b0, iv * TV), (BT, TV), (1, 0))
         kb = tl.load(p_k, boundary_check=(0,), padding_option="zero")
         vb = tl.load(p_v, boundary_check=(0,), padding_option="zero")
         w = tl.where(live, tl.exp(-s * tl.maximum(hi - 1 - t, 0).to(tl.float32)), 0.0)
@@ -161,20 +221,16 @@ def _segment_scan_kernel(kv_ptr, h0_ptr, final_ptr, slope_ptr, slot_ptr, seq_seg
         tl.store(final_ptr + (row * H + h) * (D * DV) + offs, S, mask=keep)
 
 
-# ptxas (sm_90a, bf16, D = Dv = 128, 16-byte-aligned pointers as Triton specialises them): no config
-# spills; BV 64 uses 247 registers at 4 warps (2 programs per SM), 198 at 8 warps (1 per SM); BV 128
-# 255 at 8. First: the H200 sweep's best at every shape (bench/NOTES.md); BV 64 at 8 warps, 2 stages
-# was never better than 3 stages.
-@triton.autotune(configs=_configs([(dict(BV=64), 4, 2), (dict(BV=64), 8, 3), (dict(BV=128), 8, 2),
-                                   (dict(BV=128), 8, 3)]),
-                 key=["H", "D", "DV", "REVERSE"],
-                 prune_configs_by=dict(early_config_prune=autotune_prune(_prune_value_tiles)))
+@triton.autotune(configs=_configs(OUTPUT_TIERS), key=["H", "D", "DV", "REVERSE"],
+                 prune_configs_by=dict(early_config_prune=autotune_prune(
+                     _fitting_tier(OUTPUT_TIERS, _output_shared_bytes, "q_ptr"))))
 @triton.jit
 def _segment_output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slope_ptr, start_ptr, seg_seq_ptr, seg_lo_ptr, cu_ptr,
                            slot_ptr, T, G, SEG, num_slots, out_scale, kv_scale,
                            H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
                            BV: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
                            USE_SLOTS: tl.constexpr, DOT_PREC: tl.constexpr):
+    TV: tl.constexpr = min(BV, DV)  # value columns of this program
     iv = tl.program_id(0)  # value tiles of one segment run side by side: q, k blocks come from L2
     g = tl.program_id(1)
     h = tl.program_id(2)
@@ -182,7 +238,7 @@ def _segment_output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slope_ptr, start_ptr, seg
     s = tl.load(slope_ptr + h)
     rows = tl.arange(0, BT)
     d = tl.arange(0, D)
-    e = iv * BV + tl.arange(0, BV)
+    e = iv * TV + tl.arange(0, TV)
     S = tl.load(start_ptr + (g.to(tl.int64) * H + h) * (D * DV) + d[:, None] * DV + e[None, :])
     q_decay = tl.exp(-s * (rows + 1).to(tl.float32))
     dist = rows[:, None] - rows[None, :]
@@ -200,7 +256,7 @@ def _segment_output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slope_ptr, start_ptr, seg
         # Block pointers over the segment's logical rows [0, hi): rows past the segment read zeros.
         p_q = tl.make_block_ptr(q_seq, (hi, D), (row_stride_qk, 1), (b0, 0), (BT, D), (1, 0))
         p_k = tl.make_block_ptr(k_seq, (hi, D), (row_stride_qk, 1), (b0, 0), (BT, D), (1, 0))
-        p_v = tl.make_block_ptr(v_seq, (hi, DV), (row_stride_vo, 1), (b0, iv * BV), (BT, BV), (1, 0))
+        p_v = tl.make_block_ptr(v_seq, (hi, DV), (row_stride_vo, 1), (b0, iv * TV), (BT, TV), (1, 0))
         qb = tl.load(p_q, boundary_check=(0,), padding_option="zero")
         kb = tl.load(p_k, boundary_check=(0,), padding_option="zero")
         vb = tl.load(p_v, boundary_check=(0,), padding_option="zero")
@@ -210,7 +266,7 @@ def _segment_output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slope_ptr, start_ptr, seg
         o = tl.dot(scores.to(vb.dtype), vb, o, input_precision=DOT_PREC) * out_scale
         if USE_SLOTS:
             o = tl.where(live_seq, o, fill)
-        p_o = tl.make_block_ptr(o_seq, (hi, DV), (row_stride_vo, 1), (b0, iv * BV), (BT, BV), (1, 0))
+        p_o = tl.make_block_ptr(o_seq, (hi, DV), (row_stride_vo, 1), (b0, iv * TV), (BT, TV), (1, 0))
         tl.store(p_o, o.to(o_ptr.dtype.element_ty), boundary_check=(0,))
         blen = tl.minimum(hi - b0, BT)
         w = tl.where(live, tl.exp(-s * tl.maximum(blen - 1 - rows, 0).to(tl.float32)), 0.0) * kv_scale
@@ -284,19 +340,19 @@ def chunk_lightning(q, k, v, slope, h0, cu_seqlens, *, out_scale=1.0, kv_scale=1
     states = torch.empty(rows, H, D, Dv, dtype=torch.float32, device=device)
     use_slots = slot_idx is not None
     num_slots = h0.shape[0] if h0 is not None else 0
+    value_tiles = lambda meta: triton.cdiv(Dv, min(meta["BV"], Dv))  # noqa: E731
     if rows:
-        _segment_kv_kernel[(rows, H)](k, v, slope, states, seg_seq, seg_lo, cu, T, G, seg, float(kv_scale),
-                                      H=H, D=D, DV=Dv, BT=BLOCK_T, REVERSE=reverse, VARLEN=cu is not None,
-                                      DOT_PREC=dot_prec, SPLIT=exact_sums, LAST_SUM=final is not None)
+        _segment_kv_kernel[lambda meta: (rows, H, value_tiles(meta))](
+            k, v, slope, states, seg_seq, seg_lo, cu, T, G, seg, float(kv_scale), H=H, D=D, DV=Dv,
+            REVERSE=reverse, VARLEN=cu is not None, DOT_PREC=dot_prec, SPLIT=exact_sums, LAST_SUM=final is not None)
     if N:
         _segment_scan_kernel[(N, H, triton.cdiv(D * Dv, SCAN_ELEMENTS))](
             states, h0, final, slope, slot_idx, seg0, cu, T, G, seg, num_slots, H=H, D=D, DV=Dv,
             BE=min(SCAN_ELEMENTS, D * Dv), HAS_H0=h0 is not None, HAS_FINAL=final is not None,
             USE_SLOTS=use_slots, REVERSE=reverse, VARLEN=cu is not None, num_warps=4)
     if rows:
-        grid = lambda meta: (triton.cdiv(Dv, meta["BV"]), rows, H)  # noqa: E731
-        _segment_output_kernel[grid](q, k, v, o, slope, states, seg_seq, seg_lo, cu, slot_idx, T, G, seg,
-                                     num_slots, float(out_scale), float(kv_scale), H=H, D=D, DV=Dv,
-                                     BT=BLOCK_T, REVERSE=reverse, VARLEN=cu is not None, USE_SLOTS=use_slots,
-                                     DOT_PREC=dot_prec)
+        _segment_output_kernel[lambda meta: (value_tiles(meta), rows, H)](
+            q, k, v, o, slope, states, seg_seq, seg_lo, cu, slot_idx, T, G, seg, num_slots, float(out_scale),
+            float(kv_scale), H=H, D=D, DV=Dv, REVERSE=reverse, VARLEN=cu is not None, USE_SLOTS=use_slots,
+            DOT_PREC=dot_prec)
     return o, final

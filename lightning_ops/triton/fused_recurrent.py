@@ -5,7 +5,8 @@
 One program owns a [D, BV] tile of one (row, head) state: it reads the tile once, writes it once and
 writes its BV outputs, so the kernel moves exactly the floor's bytes (plus q, k, v). Slots are read
 on the device: a negative slot (padding) writes zeros and touches no state; a slot >= S (not checked
-on the host, which would synchronise) writes NaN and touches no state. No host sync: CUDA-graph safe.
+on the host, which would synchronise) writes NaN and touches no state; a bad rate (negative or not
+finite) makes its head's outputs and states NaN. No host sync: CUDA-graph safe.
 """
 
 import torch
@@ -36,7 +37,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, state_ptr, slot_ptr, o_ptr, s
         q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32)
         k = tl.load(k_ptr + b * stride_kb + h * stride_kh + d).to(tl.float32)
         v = tl.load(v_ptr + b * stride_vb + h * stride_vh + e).to(tl.float32)
-        decay = tl.exp(-tl.load(slope_ptr + h))
+        rate = tl.load(slope_ptr + h)
+        # A negative or non-finite rate (not checked on the host: that would synchronise) gives NaN.
+        decay = tl.where((rate >= 0) & (rate < float("inf")), tl.exp(-rate), float("nan"))
         tile = state_ptr + (slot.to(tl.int64) * H + h) * (D * DV) + d[:, None] * DV + e[None, :]
         S = tl.load(tile) * decay + k[:, None] * v[None, :]
         tl.store(tile, S)
