@@ -166,7 +166,7 @@ def few_token_case(device, tokens, E, top_k, H, F, dtype=torch.bfloat16, seed=0)
 
     impls = {f"ours[{b}]": fused(b) for b in _kernel_backends(device)}
     if "ours[triton]" in impls:
-        impls["ours[triton] grouped GEMM path"] = grouped_path
+        impls["ours[triton] grouped"] = grouped_path
     impls["torch._grouped_mm pipeline"] = fused("torch")
     elem = torch.finfo(dtype).bits // 8
     return Case("moe few-token", f"fused_moe few-token E{E} top{top_k} H{H} F{F} T{tokens}", make, impls,

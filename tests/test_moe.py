@@ -502,12 +502,15 @@ def test_few_token_m1_width_bf16_within_2x_of_pytorch(N):
     only the experts in use; baseline: the torch backend (torch._grouped_mm) in bf16."""
     require("triton", "fused_moe")
     H, F, E, k = M1["H"], M1["F"], M1["E"], M1["k"]
+    for seed in range(100):  # the first seed whose routing has no near-tie (the same on every run)
+        x, gate, _, _ = make_moe(N, H, 1, E, k, "uniform", seed)
+        if routing_margin(x.to(torch.bfloat16), gate.to(torch.bfloat16), k) > 1e-4:
+            break
+    x, gate = x.to(device="cuda", dtype=torch.bfloat16), gate.to(device="cuda", dtype=torch.bfloat16)
     g = torch.Generator(device="cuda").manual_seed(N)
-    x = torch.randn(N, H, device="cuda", generator=g).to(torch.bfloat16)
-    gate = (torch.randn(E, H, device="cuda", generator=g) * H ** -0.5).to(torch.bfloat16)
     gate_up = torch.empty(E, 2 * F, H, device="cuda", dtype=torch.bfloat16).normal_(0, H ** -0.5, generator=g)
     down = torch.empty(E, H, F, device="cuda", dtype=torch.bfloat16).normal_(0, F ** -0.5, generator=g)
-    assume(routing_margin(x, gate, k) > 1e-3)
+    assert routing_margin(x, gate, k) > 1e-4
     with nan_filled_outputs(), _few_token_spy() as spy, torch.no_grad():
         out = moe_ops.fused_moe(x, gate, gate_up, down, k, backend="triton")
         base = moe_ops.fused_moe(x, gate, gate_up, down, k, backend="torch")
