@@ -95,9 +95,12 @@ def _lm_head_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, N, V, H, stride_xn, stride
     acc = tl.zeros([BM, BN], tl.float32)
     for k0 in range(0, H, BK):
         k = k0 + ks
-        x = tl.load(x_rows + k[None, :], mask=(rows < N)[:, None] & (k < H)[None, :], other=0.0).to(tl.float32)
+        x = tl.load(x_rows + k[None, :], mask=(rows < N)[:, None] & (k < H)[None, :], other=0.0)
         w = tl.load(w_cols + k[:, None], mask=(k < H)[:, None] & (cols < V)[None, :], other=0.0)   # [BK, BN]
-        acc = split_dot(x, w, acc, PIECES)
+        if PIECES == 1:  # an activation in the weight's dtype goes to the dot as loaded (a plain GEMM)
+            acc = tl.dot(x.to(w.dtype), w, acc)
+        else:
+            acc = split_dot(x.to(tl.float32), w, acc, PIECES)
     if ROW_SCALE:
         acc = acc * tl.load(scale_ptr + rows, mask=rows < N, other=1.0)[:, None]
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_on + cols[None, :], acc,

@@ -31,6 +31,7 @@ slot past the cache's end.
 """
 
 import functools
+import math
 import types
 
 import torch
@@ -264,16 +265,35 @@ def _write_kv_triton(k, v, k_pages, v_pages, slot_mapping):
 
 
 @functools.cache
-def _target_programs(device_index):
-    """Decode programs that fill the GPU: about 8 per SM (each holds a few K/V tiles in flight)."""
-    return 8 * torch.cuda.get_device_properties(device_index).multi_processor_count
+def _resident_programs(device_index, program_smem):
+    """Decode programs one GPU runs at once: shared memory (the pipelined K/V tiles) bounds them per SM."""
+    props = torch.cuda.get_device_properties(device_index)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 228 << 10) - (4 << 10)
+    return props.multi_processor_count * max(1, smem // program_smem)
 
 
-def _decode_splits(device, pairs, capacity, min_split):
-    """Splits per (row, kv head): enough programs to fill the GPU, no more than the longest row needs."""
-    target = _target_programs(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 16
-    return max(1, min(target // pairs, triton.cdiv(capacity, min_split)))
+@functools.lru_cache(maxsize=256)
+def _pick_splits(resident, pairs, capacity, min_split, block_n, group, elem):
+    """The split count with the best modelled speed for a batch of full-length rows: the fraction of the
+    last wave of programs that is busy (rows of equal length give programs of equal work), over the
+    extra traffic of the fp32 partial outputs (written, then read by the combine) against the K/V reads."""
+    def speed(splits):
+        per = triton.cdiv(max(triton.cdiv(capacity, splits), min_split), block_n) * block_n
+        active = triton.cdiv(capacity, per)
+        waves = pairs * active / resident
+        partials = active * group * 8 if splits > 1 else 0        # fp32 per query head and dim, twice
+        return waves / math.ceil(waves) / (1 + partials / (capacity * 2 * elem))
+
+    return max(range(1, triton.cdiv(capacity, min_split) + 1), key=speed)
+
+
+def _decode_splits(device, pairs, capacity, min_split, block_n, group, elem, program_smem):
+    """Splits per (row, kv head), from shapes only (never from the lengths: CUDA graphs replay them)."""
+    resident = 16
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        resident = _resident_programs(index, program_smem)
+    return _pick_splits(resident, pairs, capacity, min_split, block_n, group, elem)
 
 
 def _decode_triton(q, k_pages, v_pages, block_table, seq_lens, scale, splits=None, tile=None):
@@ -289,7 +309,9 @@ def _decode_triton(q, k_pages, v_pages, block_table, seq_lens, scale, splits=Non
     min_split = 2 * block_n
     max_pages = block_table.shape[1]
     if splits is None:
-        splits = _decode_splits(q.device, B * Hkv, max_pages * PS, min_split)
+        program_smem = stages * block_n * D * q.element_size() * 2          # K and V tiles in flight
+        splits = _decode_splits(q.device, B * Hkv, max_pages * PS, min_split, block_n, G, q.element_size(),
+                                program_smem)
     if splits > 1:
         po = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
         plse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
@@ -362,8 +384,8 @@ def _decode_torch(q, k_pages, v_pages, block_table, seq_lens, scale):
     table = block_table.clamp(0, P - 1)
     k, v = _gathered(k_pages, table), _gathered(v_pages, table)
     live = torch.arange(k.shape[2], device=q.device)[None, :] < seq_lens[:, None]      # [B, L]
-    k = k.masked_fill(~live[:, None, :, None], 0)   # stale or NaN rows past a length never count
-    v = v.masked_fill(~live[:, None, :, None], 0)
+    k.masked_fill_(~live[:, None, :, None], 0)   # (gathered copies) stale or NaN rows past a length never count
+    v.masked_fill_(~live[:, None, :, None], 0)
     # The H / Hkv query heads of a kv head act as that many query rows: no K/V repetition.
     o = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, attn_mask=live[:, None, None, :],
                                        scale=scale).reshape(B, H, D)

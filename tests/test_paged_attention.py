@@ -23,13 +23,13 @@ ON_GPU = DEVICE.type == "cuda"
 needs_triton = pytest.mark.skipif(backend_error("triton", DEVICE) is not None, reason="triton backend unavailable here")
 
 
-def build_cache(lengths, Hkv, D, PS, dtype, seed, spare_pages=2, spare_entries=1, device=DEVICE):
+def build_cache(lengths, Hkv, D, PS, dtype, seed):
     """Pages holding the first lengths[b] tokens of each row b (NaN everywhere else), a shuffled block
     table with garbage entries past each row's pages, and the stored keys/values."""
     g = torch.Generator().manual_seed(seed)
     need = [math.ceil(L / PS) for L in lengths]
-    P = sum(need) + spare_pages
-    width = max(need + [1]) + spare_entries
+    P = sum(need) + 2
+    width = max(need + [1]) + 1
     perm = torch.randperm(P, generator=g)
     table = torch.randint(-3, P + 3, (len(lengths), width), generator=g)
     k_pages = torch.full((P, Hkv, PS, D), float("nan"), dtype=torch.float64)
@@ -42,8 +42,8 @@ def build_cache(lengths, Hkv, D, PS, dtype, seed, spare_pages=2, spare_entries=1
         t = torch.arange(L)
         k_pages[ids[t // PS], :, t % PS] = torch.randn(L, Hkv, D, generator=g, dtype=torch.float64)
         v_pages[ids[t // PS], :, t % PS] = torch.randn(L, Hkv, D, generator=g, dtype=torch.float64)
-    to = dict(device=device, dtype=dtype)
-    return k_pages.to(**to), v_pages.to(**to), table.to(device=device, dtype=torch.int32)
+    to = dict(device=DEVICE, dtype=dtype)
+    return k_pages.to(**to), v_pages.to(**to), table.to(device=DEVICE, dtype=torch.int32)
 
 
 def contiguous_kv(k_pages, v_pages, table, b, L):
@@ -352,13 +352,13 @@ def test_triton_rejects_head_dim_it_cannot_tile():
 M1 = dict(H=64, Hkv=8, D=128, PS=16)
 
 
-def m1_cache(lengths, seed, spare_entries=1):
+def m1_cache(lengths, seed, page_size=M1["PS"]):
     """A bf16 cache built on the GPU (the CPU builder is too slow for 32K-token rows)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
-    Hkv, D, PS = M1["Hkv"], M1["D"], M1["PS"]
+    Hkv, D, PS = M1["Hkv"], M1["D"], page_size
     need = [math.ceil(L / PS) for L in lengths]
     P = sum(need) + 4
-    width = max(need + [1]) + spare_entries
+    width = max(need + [1]) + 1
     perm = torch.randperm(P, generator=g, device="cuda")
     table = torch.randint(-3, P + 3, (len(lengths), width), generator=g, device="cuda", dtype=torch.int32)
     k_pages = torch.full((P, Hkv, PS, D), float("nan"), dtype=torch.bfloat16, device="cuda")
@@ -374,21 +374,26 @@ def m1_cache(lengths, seed, spare_entries=1):
     return k_pages, v_pages, table
 
 
+def gathered_on_gpu(pages, table, n, L):
+    """Sequence n's first L rows [L, Hkv, D] in float64 (reference.gather_paged, vectorised for 32K rows)."""
+    ids = table[n, :math.ceil(L / pages.shape[2])].long()
+    return pages[ids].double().transpose(1, 2).reshape(-1, pages.shape[1], pages.shape[3])[:L]
+
+
 def reference_on_gpu(q, k_pages, v_pages, table, lengths, scale):
     """The float64 reference (reference.attention) row by row, on the GPU: 32K-token rows are slow on a CPU."""
-    PS, out = k_pages.shape[2], []
+    out = []
     for b, L in enumerate(lengths):
         if L == 0:
             out.append(torch.zeros(q.shape[1:], dtype=torch.float64, device="cuda"))
             continue
-        ids = table[b, :math.ceil(L / PS)].long()
-        k = k_pages[ids].double().transpose(1, 2).reshape(-1, k_pages.shape[1], k_pages.shape[3])[:L]
-        v = v_pages[ids].double().transpose(1, 2).reshape(-1, v_pages.shape[1], v_pages.shape[3])[:L]
+        k, v = gathered_on_gpu(k_pages, table, b, L), gathered_on_gpu(v_pages, table, b, L)
         out.append(softmax_attention(q[b].double()[None, None], k[None], v[None], scale=scale)[0, 0])
     return torch.stack(out)
 
 
 @pytest.mark.gpu
+@pytest.mark.xdist_group("large_memory")
 @pytest.mark.parametrize("B, ctx", [(1, 32768), (8, 32768), (64, 4096), (256, 1024)])
 def test_decode_bf16_m1_shapes(B, ctx):
     """Mixed lengths up to ctx (one row at ctx exactly, padding rows at B >= 8)."""
@@ -408,15 +413,12 @@ def test_decode_bf16_m1_shapes(B, ctx):
 
 
 @pytest.mark.gpu
+@pytest.mark.xdist_group("large_memory")
 @pytest.mark.parametrize("page_size", [16, 64])
 def test_prefill_bf16_m1_shapes(page_size):
-    """Chunked prefill: sequences continue cached prefixes (8K and 1K) and start fresh (3000 tokens)."""
-    M1["PS"], saved = page_size, M1["PS"]
-    try:
-        lengths, counts = [8192 + 2048, 3000, 1024 + 1, 0], [2048, 3000, 1, 0]
-        k_pages, v_pages, table = m1_cache(lengths, 5)
-    finally:
-        M1["PS"] = saved
+    """Chunked prefill: sequences continue cached prefixes (4K and 1K tokens) or start fresh (2000)."""
+    lengths, counts = [4096 + 1024, 2000, 1024 + 1, 0], [1024, 2000, 1, 0]
+    k_pages, v_pages, table = m1_cache(lengths, 5, page_size)
     cu = cu_of(counts)
     q = torch.randn(sum(counts), M1["H"], M1["D"], device="cuda").bfloat16()
     seq_lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
@@ -424,13 +426,9 @@ def test_prefill_bf16_m1_shapes(page_size):
     with nan_filled_outputs():
         o = paged_attention_prefill(q, k_pages, v_pages, table, cu, seq_lens, scale)
         baseline = paged_attention_prefill(q, k_pages, v_pages, table, cu, seq_lens, scale, backend="torch")
-    ref = []
-    for n, L in enumerate(lengths):
-        if counts[n]:
-            ids = table[n, :math.ceil(L / page_size)].long()
-            k = k_pages[ids].double().transpose(1, 2).reshape(-1, M1["Hkv"], M1["D"])[:L]
-            v = v_pages[ids].double().transpose(1, 2).reshape(-1, M1["Hkv"], M1["D"])[:L]
-            ref.append(softmax_attention(q[cu[n]:cu[n + 1]].double()[None], k[None], v[None], scale=scale)[0])
+    ref = [softmax_attention(q[cu[n]:cu[n + 1]].double()[None], gathered_on_gpu(k_pages, table, n, L)[None],
+                             gathered_on_gpu(v_pages, table, n, L)[None], scale=scale)[0]
+           for n, L in enumerate(lengths) if counts[n]]
     assert_within_2x("o", o, torch.cat(ref), baseline)
 
 
@@ -462,12 +460,12 @@ def test_decode_cuda_graph_equals_eager(B):
         g = torch.Generator(device="cuda").manual_seed(trial)
         lens = torch.randint(0, max_pages * PS, (B,), generator=g, device="cuda", dtype=torch.int32)
         table = torch.randperm(P, generator=g, device="cuda")[:B * max_pages].view(B, max_pages).int()
+        last = (lens.long() - 1).clamp(min=0)[:, None]      # the new token's position (rows with lens 0: none)
         new = dict(q=torch.randn(B, H, D, generator=g, device="cuda").bfloat16(),
                    k=torch.randn(B, Hkv, D, generator=g, device="cuda").bfloat16(),
                    v=torch.randn(B, Hkv, D, generator=g, device="cuda").bfloat16(),
                    lens=lens, table=table,
-                   slots=torch.where(lens > 0, table.long().gather(1, ((lens.long() - 1) // PS)[:, None])[:, 0] * PS
-                                     + (lens.long() - 1) % PS, -1))
+                   slots=torch.where(lens > 0, table.long().gather(1, last // PS)[:, 0] * PS + last[:, 0] % PS, -1))
         for name, value in new.items():
             static[name].copy_(value)
         pages_before = k_pages.clone(), v_pages.clone()
