@@ -53,15 +53,13 @@ def paged_decode_case(device, B, ctx, H=64, Hkv=8, D=128, page_size=16, dtype=to
 
 @functools.cache
 def _head_weight(device, V, H):
-    """One weight shared by the LM-head cases (2.5 GB at M1 size: made once)."""
+    """One weight shared by the LM-head cases (2.5 GB at M1 size: made once, when the first of them runs)."""
     return torch.randn(V, H, device=device, dtype=torch.float32).mul_(0.02).to(torch.bfloat16)
 
 
 def lm_head_case(device, N, hidden_dtype, V=200064, H=6144):
-    weight = _head_weight(device, V, H)
-
     def make():
-        return torch.randn(N, H, device=device).mul_(3).to(hidden_dtype), weight
+        return torch.randn(N, H, device=device).mul_(3).to(hidden_dtype), _head_weight(device, V, H)
 
     ours = "triton" if device.type == "cuda" else "torch"
     impls = {f"ours[{ours}]": lambda x: lm_head_logits(x[0], x[1], backend=ours),
