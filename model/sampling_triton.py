@@ -43,7 +43,7 @@ def _sample_kernel(logits_ptr, stride_row, rows_ptr, inv_temp_ptr, floor_ptr, ke
         m = new_m
         key_v = (_mix32(offs.to(tl.uint64) ^ key) + key) & 0xFFFFFFFF
         u = ((_mix32(key_v) >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-        scaled = x * inv_t
+        scaled = tl.where(inside, x, 0.0) * inv_t     # (masked lanes: no -inf * 0)
         race = tl.where(scaled >= floor, scaled - tl.log(-tl.log(u)), float("-inf"))
         score = tl.where(inside, tl.where(inv_t > 0, race, x), float("-inf"))
         block_best = tl.max(score, 0)
@@ -64,7 +64,8 @@ def sample_triton(logits, rows, inv_temp, floor, keys):
         logits = logits.contiguous()
     tokens = torch.empty(R, dtype=torch.int64, device=logits.device)
     logprobs = torch.full((R,), float("nan"), dtype=torch.float32, device=logits.device)
-    if R:
-        _sample_kernel[(R,)](logits, logits.stride(0), rows, inv_temp.float(), floor.float(), keys, tokens, logprobs,
-                             V, BLOCK=2048, num_warps=8)
+    if R:   # the per-row vectors are read as contiguous arrays
+        _sample_kernel[(R,)](logits, logits.stride(0), rows.contiguous(), inv_temp.float().contiguous(),
+                             floor.float().contiguous(), keys.contiguous(), tokens, logprobs, V, BLOCK=2048,
+                             num_warps=8)
     return tokens, logprobs

@@ -34,7 +34,7 @@ import numpy as np
 WAITING, PREFILL, RUNNING, FINISHED = "waiting", "prefill", "running", "finished"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)     # identity: running lists remove this object, not an equal one
 class Completion:
     """One of the n completions of a request, once its prompt is prefilled."""
     request: "Request"
@@ -49,7 +49,7 @@ class Completion:
     finish_reason: str | None = None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Request:
     index: int                   # position in the generate call
     prompt: list
@@ -156,11 +156,9 @@ class BlockManager:
         return chain
 
     def hit_cost(self, chain) -> int:
-        """Evictable pages a hit on `chain` would pin (they stop counting as available)."""
-        return sum(self.ppb_evictable(e) for e in chain)
-
-    def ppb_evictable(self, entry) -> int:
-        return len(entry.pages) if self.ref[entry.pages[0]] == 1 else 0
+        """Evictable pages a hit on `chain` would pin (they stop counting as available). An entry's pages
+        are always shared together, so its first page's count speaks for all of them."""
+        return sum(len(e.pages) for e in chain if self.ref[e.pages[0]] == 1)
 
     def touch(self, chain):
         self.clock += 1
@@ -168,9 +166,9 @@ class BlockManager:
             e.last_use = self.clock
 
     def insert(self, request: Request, upto_block: int, pages, snapshot: bool):
-        """Register the prompt's blocks below `upto_block` (their pages are full and final); with
-        `snapshot`, also claim a snapshot for block upto_block - 1. Returns the snapshot index to fill
-        (None when there is nothing to save)."""
+        """Register the prompt's blocks request.cached_blocks .. upto_block - 1 (at least one; their pages
+        are full and final); with `snapshot`, also claim a snapshot for block upto_block - 1. Returns the
+        snapshot index to fill (None when there is nothing to save)."""
         chain = []
         ppb = self.pages_per_block
         for i in range(request.cached_blocks, upto_block):
@@ -183,10 +181,10 @@ class BlockManager:
                     self.cached[p] = True
                 self.entries[name] = entry
             chain.append(entry)
-        request.cached_blocks = max(request.cached_blocks, upto_block)
-        target = self.entries.get(request.hashes[upto_block - 1])
-        self.touch(chain + ([target] if target is not None and target not in chain else []))
-        if not snapshot or target is None or target.snapshot is not None:
+        request.cached_blocks = upto_block
+        self.touch(chain)
+        target = chain[-1]
+        if not snapshot or target.snapshot is not None:
             return None
         if not self.free_snapshots:
             victims = [e for e in self.entries.values() if e.snapshot is not None]
