@@ -58,8 +58,10 @@ def split_dot(x, w, acc, PIECES: tl.constexpr):
 def _configs():
     """(BM, BN, BK, warps, stages): narrow row tiles that stream the weight at small N, square tiles
     for the matmul-bound large N. One config under the interpreter."""
-    small = [(16, 64, 256, 4, 4), (16, 128, 128, 4, 4), (32, 64, 256, 4, 3), (64, 64, 128, 4, 4), (16, 32, 512, 4, 3)]
-    large = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 128, 8, 3), (256, 128, 64, 8, 3)]
+    small = [(16, 64, 256, 4, 4), (16, 128, 128, 4, 4), (32, 64, 256, 4, 3), (64, 64, 128, 4, 4),
+             (16, 32, 512, 4, 3)]
+    large = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 128, 8, 3),
+             (256, 128, 64, 8, 3)]
     options = [(16, 32, 64, 4, 1)] if triton_interpreted() else small + large
     return [triton.Config(dict(BM=bm, BN=bn, BK=bk), num_warps=w, num_stages=s) for bm, bn, bk, w, s in options]
 

@@ -324,7 +324,8 @@ def _decode_triton(q, k_pages, v_pages, block_table, seq_lens, scale, splits=Non
         G=G, G_PAD=max(16, triton.next_power_of_2(G)), SPLIT=splits > 1, DOT_PREC=_dot_precision(q.dtype),
         num_warps=warps, num_stages=stages, **common)
     if splits > 1:
-        _combine_kernel[(B * H,)](po, plse, seq_lens, o, splits, min_split, max_pages, BS=COMBINE_CHUNK, num_warps=4, **common)
+        _combine_kernel[(B * H,)](po, plse, seq_lens, o, splits, min_split, max_pages, BS=COMBINE_CHUNK,
+                                  num_warps=4, **common)
     return o
 
 
@@ -340,8 +341,8 @@ def _prefill_triton(q, k_pages, v_pages, block_table, cu_seqlens_q, seq_lens, sc
     rows = 64 if triton_interpreted() or D > 128 else 128
     block_q = max(1, rows // g_pad, 16 // g_pad)
     qblk = torch.zeros(N + 1, dtype=torch.int32, device=q.device)
-    torch.cumsum(torch.div(cu_seqlens_q[1:] - cu_seqlens_q[:-1] + block_q - 1, block_q, rounding_mode="floor"),
-                 0, out=qblk[1:])
+    blocks = torch.div(cu_seqlens_q[1:] - cu_seqlens_q[:-1] + block_q - 1, block_q, rounding_mode="floor")
+    torch.cumsum(blocks, 0, dtype=torch.int32, out=qblk[1:])   # query blocks before each sequence, on the device
     grid = (triton.cdiv(T, block_q) + N, Hkv)
     _prefill_kernel[grid](q, k_pages, v_pages, block_table, cu_seqlens_q, seq_lens, qblk, o, q.stride(0), q.stride(1),
                           *_strides(k_pages), *_strides(v_pages), block_table.stride(0), N, P, block_table.shape[1],
@@ -420,7 +421,8 @@ def _prefill_torch(q, k_pages, v_pages, block_table, cu_seqlens_q, seq_lens, sca
 
 def _triton_unsupported(op, *, head_dim):
     if head_dim not in TRITON_HEAD_DIMS:
-        return f"the triton backend takes head dims D in {TRITON_HEAD_DIMS}, got D={head_dim}; backend='torch' takes any"
+        return (f"the triton backend takes head dims D in {TRITON_HEAD_DIMS}, got D={head_dim}; "
+                "backend='torch' takes any")
     return None
 
 

@@ -66,7 +66,8 @@ def test_piece_counts_are_the_fewest_that_keep_fp32_accuracy(pair):
 
 
 @needs_triton
-@given(N=st.sampled_from([1, 3, 17, 40]), H=st.sampled_from([1, 63, 64, 65, 200]), V=st.sampled_from([1, 31, 32, 33, 100]),
+@given(N=st.sampled_from([1, 3, 17, 40]), H=st.sampled_from([1, 63, 64, 65, 200]),
+       V=st.sampled_from([1, 31, 32, 33, 100]),
        hidden_dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
        magnitude=st.sampled_from([1e-3, 1.0, 300.0]), seed=st.integers(0, 2**16))
 def test_triton_fp16_weight_matches_fp32_head(N, H, V, hidden_dtype, magnitude, seed):
@@ -77,7 +78,8 @@ def test_triton_fp16_weight_matches_fp32_head(N, H, V, hidden_dtype, magnitude, 
     assert_within_2x("logits", out, reference(hidden, weight), fp32_head(hidden, weight), atol=FLOOR)
 
 
-@given(N=st.sampled_from([1, 5]), V=st.sampled_from([1, 7, 300]), weight_dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+@given(N=st.sampled_from([1, 5]), V=st.sampled_from([1, 7, 300]),
+       weight_dtype=st.sampled_from([torch.bfloat16, torch.float16]),
        hidden_dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
 def test_torch_path_matches_fp32_head(N, V, weight_dtype, hidden_dtype, seed):
     hidden, weight = inputs(N, 64, V, hidden_dtype, weight_dtype, 1.0, seed)
