@@ -46,7 +46,9 @@ PIECES = {(torch.float32, torch.bfloat16): 3, (torch.float16, torch.bfloat16): 2
 def split_dot(x, w, acc, PIECES: tl.constexpr):
     """acc + x @ w for an fp32 x [M, K] and a 16-bit w [K, N]: x as the sum of PIECES pieces in w's
     dtype (each the rounding of what the previous ones leave), every piece's products with w exact in
-    the fp32 accumulator. One load of w serves all pieces."""
+    the fp32 accumulator. One load of w serves all pieces. PIECES gives the count per dtype pair; for
+    fp16 pieces, scale each row of x first by a power of two to a maximum in [0.5, 1) (as
+    `_logits_triton` does), or small values fall below fp16's range."""
     rest = x
     for _ in tl.static_range(PIECES):
         piece = rest.to(w.dtype)
