@@ -124,8 +124,9 @@ class Engine:
                                                     enable_prefix_caching, max_prefix_snapshots)
         self.cache = HybridCache(config, max_num_seqs, num_pages, page_size, max_pages_per_seq, dtype=self.dtype,
                                  device=self.device, num_snapshots=num_snapshots)
-        self.blocks = BlockManager(num_pages, page_size, prefix_block_size, num_snapshots, enable_prefix_caching)
-        self.scheduler = Scheduler(max_num_seqs, self.blocks, max_num_batched_tokens)
+        self._bookkeeping = (num_pages, page_size, prefix_block_size, num_snapshots, enable_prefix_caching,
+                             max_num_batched_tokens)
+        self._reset_bookkeeping()
         self.runs = torch.zeros(max_num_seqs, dtype=torch.int32, device=self.device)   # repetition-stop counters
         # Decode inputs live in fixed buffers (the CUDA graphs read them); padding rows have slot -1.
         self._dec_ids = torch.zeros(max_num_seqs, dtype=torch.int64, device=self.device)
@@ -139,6 +140,12 @@ class Engine:
         self._graphs = {}
         if self.cuda_graphs:
             self._capture()
+
+    def _reset_bookkeeping(self):
+        """Fresh scheduler and page bookkeeping: nothing running, every page free, the prefix cache empty."""
+        num_pages, page_size, block_size, num_snapshots, prefix_caching, budget = self._bookkeeping
+        self.blocks = BlockManager(num_pages, page_size, block_size, num_snapshots, prefix_caching)
+        self.scheduler = Scheduler(self.max_num_seqs, self.blocks, budget)
 
     # ------------------------------------------------------------------------------------------------
     # Memory
@@ -428,6 +435,9 @@ class Engine:
                     done = finished
                     bar.set_postfix(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                                     tok_s=f"{tokens / (time.perf_counter() - t0):.0f}", refresh=False)
+        except BaseException:       # an interrupted call leaves nothing behind for the next one
+            self._reset_bookkeeping()
+            raise
         finally:
             if bar is not None:
                 bar.close()

@@ -264,6 +264,25 @@ def test_requests_wait_for_pages(model):
     assert_idle(tight)
 
 
+def test_an_interrupted_call_leaves_the_engine_usable(model, monkeypatch):
+    engine = small_engine(model)
+    prompts = prompts_of([12, 30, 4])
+    draw, calls = engine._draw, []
+
+    def failing(groups):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return draw(groups)
+    monkeypatch.setattr(engine, "_draw", failing)
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate(prompts, GREEDY)
+    monkeypatch.undo()
+    assert_idle(engine)
+    for prompt, out in zip(prompts, engine.generate(prompts, GREEDY)):
+        assert out.outputs[0].token_ids == full_greedy(model, prompt, 6)[0]
+
+
 # ------------------------------------------------------------------------------------------------------
 # Prefix cache
 
