@@ -30,24 +30,11 @@ from torch import nn
 
 from m1_kernels.lightning_ops import LightningAttention
 from m1_kernels.moe_ops import SparseMoE
+from m1_kernels.norm import RMSNorm
 
 from .cache import HybridCache, StepBatch
 from .config import LINEAR, M1Config
 from .paged_attention import paged_attention_decode, paged_attention_prefill, write_kv
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm computed in float32, cast back, then scaled (the order `transformers` uses)."""
-
-    def __init__(self, size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x):
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
 
 
 def rotary_cos_sin(positions, rotary_dim: int, theta: float):
