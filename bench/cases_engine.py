@@ -34,7 +34,7 @@ from m1_kernels.model import Engine, SamplingParams
 from m1_kernels.model.scheduler import RUNNING, Completion, Request
 
 from .cases_model import slice_models
-from .harness import Case, device_name
+from .harness import Case
 
 _shared = {}   # the slice (ours and transformers sharing weights) and the decode engine, built once
 
@@ -93,6 +93,9 @@ def _decode_engine(device, sizes):
 def place_running(engine, B, context):
     """Make B completions run in `engine` at `context` cached tokens without prefilling them (the previous
     ones are dropped). Their states are random; the next step decodes token `context` of each."""
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    engine._in_flight = None                  # the previous case's last step is done and its tokens unneeded
     sched, blocks = engine.scheduler, engine.blocks
     for c in list(sched.running):
         blocks.decref(c.pages)
@@ -135,7 +138,7 @@ def decode_case(device, sizes, B, context):
                 engine._decode_forward(B)
 
     def step(inputs):
-        inputs["engine"]._step()
+        inputs["engine"]._advance()          # launches a step and reads the one before: the steady state
 
     config = _models(device)["hybrid"].config
     elem = 2 if device.type == "cuda" else 4
@@ -282,7 +285,7 @@ def rl_workload(device) -> dict:
 
 def report(rows, device, stem) -> list[str]:
     """Decode floor fractions, the TTFT ratio, and the RL workload (run here, only when the engine cases
-    ran). Writes <stem>-engine.json (and a plot with a stem)."""
+    ran). With a stem (plots on), writes <stem>-engine.json and <stem>-engine_decode.png."""
     decode = [r for r in rows if r["group"] == "engine decode step" and "median_ms" in r]
     ttft = [r for r in rows if r["group"] == "engine prefix cache" and "median_ms" in r]
     if not decode and not ttft:
@@ -330,15 +333,15 @@ def report(rows, device, stem) -> list[str]:
                   f"ours is {r['ours_speedup']:.2f}x faster")
     if device.type != "cuda":
         print("\n(no GPU: the engine bench ran the tiny preset on the CPU; it says nothing about GPU speed)")
-    path = (stem or os.path.join(os.path.dirname(__file__), "results", device_name(device))) + "-engine.json"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump({"decode": [{k: r.get(k) for k in ("case", "impl", "median_ms", "floor_ms", "fraction_of_floor",
-                                                      "params")} for r in decode],
-                   "ttft": [{k: r.get(k) for k in ("case", "impl", "median_ms")} for r in ttft], "rl": rl}, fh, indent=1)
-    written.append(path)
-    if stem and decode:
-        written += [p for p in (_plot(decode, stem + "-engine_decode.png"),) if p]
+    if stem:
+        with open(stem + "-engine.json", "w") as fh:
+            json.dump({"decode": [{k: r.get(k) for k in ("case", "impl", "median_ms", "floor_ms", "fraction_of_floor",
+                                                          "params")} for r in decode],
+                       "ttft": [{k: r.get(k) for k in ("case", "impl", "median_ms")} for r in ttft], "rl": rl},
+                      fh, indent=1)
+        written.append(stem + "-engine.json")
+        if decode:
+            written += [p for p in (_plot(decode, stem + "-engine_decode.png"),) if p]
     _release()
     return written
 

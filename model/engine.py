@@ -10,8 +10,11 @@ decode steps in CUDA graphs, seeded on-device sampling (vLLM's names; docs/engin
 One step: the scheduler (model/scheduler.py) admits waiting requests, picks prefill chunks within a
 token budget and the running completions; queued cache operations run; the prefill chunks run as one
 packed forward and the decode rows as another (a CUDA graph per batch-size bucket); every row's token is
-drawn on the device (model/sampling.py), stop and repetition checks run there too, and the host reads
-the step's tokens, log-probabilities and finish codes in one copy: the only synchronisation of a step.
+drawn on the device (model/sampling.py), stop and repetition checks run there too, and the step's
+tokens, log-probabilities and finish codes go to the host in one copy. Decode rows read their input
+token from the device (the last token drawn in their slot), so step k + 1 is launched before the host
+waits for step k's copy: the host's bookkeeping overlaps the device's work, and waiting for that copy
+is the only synchronisation of a step.
 """
 
 import dataclasses
@@ -128,8 +131,9 @@ class Engine:
                              max_num_batched_tokens)
         self._reset_bookkeeping()
         self.runs = torch.zeros(max_num_seqs, dtype=torch.int32, device=self.device)   # repetition-stop counters
-        # Decode inputs live in fixed buffers (the CUDA graphs read them); padding rows have slot -1.
-        self._dec_ids = torch.zeros(max_num_seqs, dtype=torch.int64, device=self.device)
+        # Decode inputs live in fixed buffers (the CUDA graphs read them); padding rows have slot -1. A row's
+        # input token is the last one drawn in its slot.
+        self._last_token = torch.zeros(max_num_seqs, dtype=torch.int64, device=self.device)
         self._dec_pos = torch.zeros(max_num_seqs, dtype=torch.int64, device=self.device)
         self._dec_slot = torch.full((max_num_seqs,), -1, dtype=torch.int64, device=self.device)
         sizes = _GRAPH_BUCKETS if cuda_graph_sizes is None else tuple(cuda_graph_sizes)
@@ -137,6 +141,7 @@ class Engine:
             raise ValueError(f"cuda_graph_sizes must hold positive integers, got {cuda_graph_sizes!r}")
         self.buckets = sorted({int(b) for b in sizes if b < max_num_seqs} | {max_num_seqs})
         self._counts = dict(steps=0, prefill_tokens=0, generated_tokens=0)
+        self._in_flight = None       # the launched step whose tokens are not read yet
         self._graphs = {}
         if self.cuda_graphs:
             self._capture()
@@ -146,6 +151,7 @@ class Engine:
         num_pages, page_size, block_size, num_snapshots, prefix_caching, budget = self._bookkeeping
         self.blocks = BlockManager(num_pages, page_size, block_size, num_snapshots, prefix_caching)
         self.scheduler = Scheduler(self.max_num_seqs, self.blocks, budget)
+        self._in_flight = None
 
     # ------------------------------------------------------------------------------------------------
     # Memory
@@ -216,8 +222,9 @@ class Engine:
 
     def _decode_forward(self, b: int):
         """Logits [b, V] fp32 of the first b rows of the decode buffers (the body of a graph)."""
-        batch = self.cache.decode_batch(self._dec_pos[:b], self._dec_slot[:b])
-        return self._logits(self.model.model(self._dec_ids[:b], self.cache, batch))
+        slots = self._dec_slot[:b]
+        batch = self.cache.decode_batch(self._dec_pos[:b], slots)
+        return self._logits(self.model.model(self._last_token[slots.clamp(min=0)], self.cache, batch))
 
     @torch.no_grad()
     def _capture(self):
@@ -295,15 +302,13 @@ class Engine:
     def _decode(self, completions):
         b = len(completions)
         bucket = next(x for x in self.buckets if x >= b)
-        rows = np.zeros((3, bucket), dtype=np.int64)
-        rows[2] = -1
-        rows[0, :b] = [c.tokens[-1] for c in completions]
-        rows[1, :b] = [c.length for c in completions]
-        rows[2, :b] = [c.slot for c in completions]
+        rows = np.zeros((2, bucket), dtype=np.int64)
+        rows[1] = -1
+        rows[0, :b] = [c.length for c in completions]
+        rows[1, :b] = [c.slot for c in completions]
         data = self._upload(rows)
-        self._dec_ids[:bucket].copy_(data[0])
-        self._dec_pos[:bucket].copy_(data[1])
-        self._dec_slot[:bucket].copy_(data[2])
+        self._dec_pos[:bucket].copy_(data[0])
+        self._dec_slot[:bucket].copy_(data[1])
         if bucket in self._graphs:
             graph, out = self._graphs[bucket]
             graph.replay()
@@ -314,11 +319,12 @@ class Engine:
     # Drawing tokens
 
     def _draw(self, groups):
-        """groups: (logits, [(completion-like, logits row, position, first)]) per forward. Returns the host
-        array [R, 3] of (token, logprob, finish code): the step's one device-to-host copy."""
+        """groups: (logits, [(completion-like, logits row, position, first)]) per forward. Draws every row's
+        token, records it as its slot's last token, and starts the step's one device-to-host copy of
+        (token, logprob, finish code) [R, 3]; returns (host tensor, event to wait on) or None."""
         rows = [r for _, g in groups for r in g]
         if not rows:
-            return np.zeros((0, 3))
+            return None
         R = len(rows)
         params = [c.request.params for c, *_ in rows]
         max_stops = max(1, max(len(p.stop_token_ids) for p in params))
@@ -357,11 +363,24 @@ class Engine:
         tokens, logprobs = torch.cat(tokens), torch.cat(logprobs)
         codes = finish_codes(tokens, logprobs, d[:, 9:].long(), as_long[:, 3], rep_prob, self.runs, as_long[:, 4],
                              d[:, 8] > 0)
-        return torch.stack([tokens.double(), logprobs.double(), codes.double()], dim=1).cpu().numpy()
+        self._last_token[as_long[:, 4]] = tokens
+        out = torch.stack([tokens.double(), logprobs.double(), codes.double()], dim=1)
+        if self.device.type != "cuda":
+            return out, None
+        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
 
     @torch.no_grad()
-    def _step(self):
+    def _launch(self):
+        """Schedule and launch one step without waiting for it; book what it will do. Returns the
+        completions of its rows and its pending copy (None without rows), or None when there is nothing
+        to run."""
         plan = self.scheduler.schedule()
+        if not plan.prefill and not plan.decode:
+            return None
         self._run_device_ops()
         groups, started = [], []
         if plan.prefill:
@@ -377,19 +396,40 @@ class Engine:
         if plan.decode:
             logits = self._decode(plan.decode)
             groups.append((logits, [(c, i, c.length + 1, False) for i, c in enumerate(plan.decode)]))
-        results = self._draw(groups)
+        copy = self._draw(groups)
         self._counts["steps"] += 1
         self._counts["prefill_tokens"] += sum(end - start for _, start, end in plan.prefill)
-        self._counts["generated_tokens"] += len(results)
-        # Book the prefill chunks, fork the finished prompts into their completions, then every draw.
+        # Book the chunks (snapshots), fork the completed prompts (their cache operations run before the
+        # next forward) and advance the decoded completions.
         for request, start, end in plan.prefill:
             self.scheduler.finish_prefill_chunk(request, end)
         drawn = [c for request in started for c in self.scheduler.start_completions(request)]
         for c in plan.decode:
-            self.scheduler.after_decode(c)
-        for c, (token, logprob, code) in zip(drawn + plan.decode, results.tolist()):
-            self.scheduler.record(c, int(token), logprob, int(code))
-        return len(results)
+            self.scheduler.launched_decode(c)
+        return drawn + plan.decode, copy
+
+    def _collect(self, launched) -> int:
+        """Wait for a launched step's tokens and book them; returns how many were booked."""
+        completions, copy = launched
+        if copy is None:                  # prompt chunks only: nothing was drawn
+            return 0
+        host, event = copy
+        if event is not None:
+            event.synchronize()
+        booked = sum(self.scheduler.record(c, int(token), logprob, int(code))
+                     for c, (token, logprob, code) in zip(completions, host.tolist()))
+        self._counts["generated_tokens"] += booked
+        return booked
+
+    def _advance(self) -> int:
+        """Launch the next step, then read the one before it (the host's work overlaps the device's).
+        Returns the tokens booked."""
+        launched = self._launch() if self.scheduler.has_work() else None
+        if launched is None and self._in_flight is None:
+            raise RuntimeError("the engine's scheduler has work it cannot schedule (a bug)")
+        booked = self._collect(self._in_flight) if self._in_flight is not None else 0
+        self._in_flight = launched
+        return booked
 
     # ------------------------------------------------------------------------------------------------
     # Public API
@@ -427,8 +467,8 @@ class Engine:
         bar = self._progress(len(requests), use_tqdm)
         done, tokens, t0 = 0, 0, time.perf_counter()
         try:
-            while self.scheduler.has_work():
-                tokens += self._step()
+            while self.scheduler.has_work() or self._in_flight is not None:
+                tokens += self._advance()
                 if bar is not None:
                     finished = sum(r.state == "finished" for r in requests)
                     bar.update(finished - done)

@@ -15,6 +15,15 @@ Life of a request (one prompt, `n` completions):
               completion its last token (one decode row each).
   finished -> a completion frees its slot, its pages and its unused reservation at once.
 
+The engine launches step k + 1 before it reads step k's tokens (model/engine.py), so the bookkeeping of
+what a step will do (chunks done, forks, lengths, drawn counts) happens when it is launched, and what
+only the tokens tell (a stop token, a repetition) when they are read. A completion that stops at step k
+has already been given a row in step k + 1; that row's draw is ignored. Its slot and pages are freed
+when step k is read, while step k + 1 may still use them: safe, because the device runs steps and cache
+operations in the order they were issued, so a later owner's writes come after step k + 1's. A
+completion never gets a row past its max_new-th draw (known at launch), so the extra row stays within
+its reserved pages.
+
 Prefix cache: a prompt is cut into blocks of `block_size` tokens, each named by a chained hash (the
 hash of the previous block's name and this block's tokens). An entry holds a block's KV pages and, at
 some boundaries, a snapshot of every lightning state after the block. A new prompt reuses the longest
@@ -41,10 +50,11 @@ class Completion:
     index: int
     slot: int
     pages: list
-    length: int                  # tokens in the cache
+    length: int                  # tokens in the cache once the launched steps have run
     key: int                     # stream key of its draws (sampling.stream_key)
     reserved: int                # pages it may still allocate
-    tokens: list = dataclasses.field(default_factory=list)
+    drawn: int = 1               # tokens drawn by the launched steps (the first comes with the prompt's logits)
+    tokens: list = dataclasses.field(default_factory=list)   # the drawn tokens read back so far
     logprobs: list = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
 
@@ -319,9 +329,10 @@ class Scheduler:
             self._grow(request, request.pages, request.slots[0], end)
             prefill.append((request, start, end))
             budget -= end - start
-        for c in self.running:
+        decode = [c for c in self.running if c.drawn < c.request.max_new]
+        for c in decode:
             self._grow(c, c.pages, c.slot, c.length + 1)
-        return StepPlan(prefill, list(self.running))
+        return StepPlan(prefill, decode)
 
     # results -------------------------------------------------------------------------------------
     def finish_prefill_chunk(self, request: Request, end: int) -> bool:
@@ -358,8 +369,12 @@ class Scheduler:
             self.running.append(c)
         return request.completions
 
-    def record(self, c: Completion, token: int, logprob: float, code: int):
-        """Book one drawn token: code 1 = stop token, 2 = repetition (device checks), else the length."""
+    def record(self, c: Completion, token: int, logprob: float, code: int) -> bool:
+        """Book one drawn token read back: code 1 = stop token, 2 = repetition (device checks), else the
+        length decides. A draw after the completion's end (the step launched before the end was read)
+        is dropped: returns False."""
+        if c.finish_reason is not None:
+            return False
         c.tokens.append(token)
         c.logprobs.append(logprob)
         if code == 1:
@@ -369,13 +384,16 @@ class Scheduler:
         elif len(c.tokens) >= c.request.max_new:
             c.finish_reason = "length"
         if c.finish_reason is None:
-            return
+            return True
         self.running.remove(c)
         self.blocks.decref(c.pages)
         self.blocks.reserved -= c.reserved
         self.free_slots.append(c.slot)
         if all(x.finish_reason is not None for x in c.request.completions):
             c.request.state = FINISHED
+        return True
 
-    def after_decode(self, c: Completion):
+    def launched_decode(self, c: Completion):
+        """A decode row of c was launched: its fed token is in the cache, and it drew one more."""
         c.length += 1
+        c.drawn += 1
