@@ -110,18 +110,13 @@ class Backend:
         return None
 
 
-def _rows(backends):
-    # Names stand for rows without limits until moe_ops declares its table (then this goes).
-    return [b if isinstance(b, Backend) else Backend(b, None, "", ()) for b in backends]
-
-
-def available_backends(backends, device: torch.device) -> list:
+def available_backends(backends: Sequence[Backend], device: torch.device) -> list[Backend]:
     """The rows of `backends` that can run on `device` (in their order)."""
-    rows = [row for row in _rows(backends) if row.device_error(device) is None]
-    return rows if all(isinstance(b, Backend) for b in backends) else [row.name for row in rows]
+    return [row for row in backends if row.device_error(device) is None]
 
 
-def resolve_backend(op: str, requested: str | None, backends, device: torch.device, **call):
+def resolve_backend(op: str, requested: str | None, backends: Sequence[Backend], device: torch.device,
+                    **call) -> Backend:
     """Pick the backend row for one call of `op`.
 
     `backends` are the rows of the op's family table that implement `op`, in its default order
@@ -131,19 +126,18 @@ def resolve_backend(op: str, requested: str | None, backends, device: torch.devi
     M1_OPS_BACKEND environment variable) that is unknown, not implemented for `op` or cannot take the
     call raises ValueError; one that cannot run here raises RuntimeError. Nothing is substituted.
     """
-    rows = _rows(backends)
     source = "backend="
     if requested is None:
         requested, source = os.environ.get(ENV_VAR) or None, ENV_VAR + "="
     if requested is None:
-        candidates = [r for r in rows if r.name == "torch"] if device.type != "cuda" else rows
+        candidates = [r for r in backends if r.name == "torch"] if device.type != "cuda" else backends
         for row in candidates:
             if row.device_error(device) is None and row.unsupported(op, **call) is None:
-                return _result(row, backends)
+                return row
         raise RuntimeError(f"{op}: no backend can run this call on {device}")  # unreachable: torch always can
     if requested not in BACKENDS:
         raise ValueError(f"{op}: {source}{requested!r} is not a backend; choose one of {BACKENDS}")
-    by_name = {r.name: r for r in rows}
+    by_name = {r.name: r for r in backends}
     if requested not in by_name:
         raise ValueError(f"{op}: {source}{requested!r} is not implemented for this op (it has {list(by_name)})")
     row = by_name[requested]
@@ -153,11 +147,7 @@ def resolve_backend(op: str, requested: str | None, backends, device: torch.devi
     why = row.unsupported(op, **call)
     if why is not None:
         raise ValueError(f"{op}: {why}")
-    return _result(row, backends)
-
-
-def _result(row, backends):
-    return row if isinstance(backends[0], Backend) else row.name
+    return row
 
 
 def backend_table_markdown(title: str, backends, op_backends: Mapping[str, Sequence] | None = None) -> str:
