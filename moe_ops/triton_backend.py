@@ -233,7 +233,8 @@ def grouped_gemm_swiglu_backward(dy, down_proj, offsets, preact):
 # Few-token forward (decode)
 
 # An expert gets at most one row per token, so with N <= 64 tokens all its rows fit one register tile
-# of the few-token kernels; N * k <= 128 bounds the one-program plan kernel's [N*k, E] one-hot tile.
+# of the few-token kernels; N * k <= 128 bounds the one-program route-and-plan kernel's one-hot tile of
+# entries by experts.
 FEW_TOKEN_MAX_TOKENS = 64
 FEW_TOKEN_MAX_ENTRIES = 128
 
@@ -242,30 +243,47 @@ def few_token_fits(num_tokens, top_k):
     return num_tokens <= FEW_TOKEN_MAX_TOKENS and num_tokens * top_k <= FEW_TOKEN_MAX_ENTRIES
 
 
-def few_token_plan(expert_ids, num_experts):
-    """(sorted_idx [N*k], offsets [E+1], active [min(E, N*k)]) from one program: sorted_idx and offsets
-    as permute's (a stable sort by expert), active[s] the s-th expert that has rows, -1 past the last."""
-    NK, E = expert_ids.numel(), num_experts
-    S = min(E, NK)
-    sorted_idx = torch.empty(NK, dtype=torch.int32, device=expert_ids.device)
-    offsets = torch.empty(E + 1, dtype=torch.int32, device=expert_ids.device)
-    active = torch.empty(S, dtype=torch.int32, device=expert_ids.device)
-    FT.plan_kernel[(1,)](expert_ids, sorted_idx, offsets, active, NK, E, S, BLOCK=_pow2(NK, 16),
-                         BLOCK_E=_pow2(E, 16), BLOCK_S=_pow2(S, 16))
-    return sorted_idx, offsets, active
+def few_token_route(x, gate_weight, top_k, renormalize):
+    """Routing and plan of the few-token forward: (weights [N, k] fp32, ids [N, k] int32) as route's,
+    then sorted_idx [N*k] and offsets [E+1] as permute's (a stable sort by expert), and active
+    [min(E, N*k)]: active[s] the s-th expert that has rows, -1 past the last. Two launches: partial
+    logits over slices of the hidden dimension (the router weight read by many SMs), then one program."""
+    N, H = x.shape
+    E = gate_weight.shape[0]
+    NK, S = N * top_k, min(E, N * top_k)
+    block_n, block_e = _pow2(N, 16), _pow2(E, 16)
+    block_h = max(16, min(128, 8192 // block_e))
+    # As many slices as keep the partial logits (read back by one program) within 64 KB.
+    slices = max(1, min(triton.cdiv(H, block_h), 16384 // (block_n * block_e)))
+    slice_len = triton.cdiv(triton.cdiv(H, slices), block_h) * block_h
+    slices = triton.cdiv(H, slice_len)
+    partial = torch.empty(slices, block_n, block_e, dtype=torch.float32, device=x.device)
+    FT.router_logits_kernel[(slices,)](
+        x, gate_weight, partial, N, H, E, slice_len, x.stride(0), gate_weight.stride(0),
+        EXACT_16BIT_DOT=x.dtype == gate_weight.dtype and x.dtype in (torch.float16, torch.bfloat16),
+        BLOCK_N=block_n, BLOCK_E=block_e, BLOCK_H=block_h)
+    weights = torch.empty(N, top_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(N, top_k, dtype=torch.int32, device=x.device)
+    sorted_idx = torch.empty(NK, dtype=torch.int32, device=x.device)
+    offsets = torch.empty(E + 1, dtype=torch.int32, device=x.device)
+    active = torch.empty(S, dtype=torch.int32, device=x.device)
+    FT.route_plan_kernel[(1,)](partial, weights, ids, sorted_idx, offsets, active, N, E, S, slices, TOP_K=top_k,
+                               RENORMALIZE=bool(renormalize), BLOCK_N=block_n, BLOCK_E=block_e,
+                               BLOCK_K=_pow2(top_k, 2), BLOCK_S=_pow2(S, 16))
+    return weights, ids, sorted_idx, offsets, active
 
 
 def few_token_moe(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize):
-    """The MoE layer's forward for few tokens (few_token_fits): route, plan, gate_up + SwiGLU, down +
-    weight, slot sum; five launches, each chosen expert's weights read once (moe_ops/triton/few_token.py)."""
+    """The MoE layer's forward for few tokens (few_token_fits): routing and plan, gate_up + SwiGLU,
+    down + weight, slot sum; five launches, each chosen expert's weights read once
+    (moe_ops/triton/few_token.py)."""
     N, H = x.shape
-    E, F = gate_weight.shape[0], down_proj.shape[2]
+    F = down_proj.shape[2]
     out = torch.empty(N, H, dtype=x.dtype, device=x.device)
     if N == 0:
         return out
-    weights, ids = route(x, gate_weight, top_k, renormalize)
-    sorted_idx, offsets, active = few_token_plan(ids, E)
-    NK, S = ids.numel(), active.numel()
+    weights, _, sorted_idx, offsets, active = few_token_route(x, gate_weight, top_k, renormalize)
+    NK, S = sorted_idx.numel(), active.numel()
     block_m, precision = _pow2(N, 16), _dot_precision(x.dtype)
     h = torch.empty(NK, F, dtype=x.dtype, device=x.device)
     FT.gate_up_kernel[lambda meta: (S * triton.cdiv(F, meta["BLOCK_F"]),)](

@@ -442,15 +442,24 @@ def test_few_token_edge_cases(N, E, k, routing):
     assert_within_2x("out", out.cpu(), ref, RM.moe(*lo, k))
 
 
-@given(N=st.sampled_from([1, 5, 64]), E=st.sampled_from([1, 6, 40, 256]), k=st.integers(1, 2),
-       routing=st.sampled_from(ROUTINGS), seed=st.integers(0, 2**16))
-def test_few_token_plan_is_a_stable_sort_and_lists_the_chosen_experts(N, E, k, routing, seed):
+@given(N=st.sampled_from([1, 5, 64]), E=st.sampled_from([1, 6, 40, 256]), k=st.integers(1, 8),
+       H=st.sampled_from([24, 300]), renormalize=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]),
+       seed=st.integers(0, 2**16))
+def test_few_token_route_matches_reference_and_plans_a_stable_sort(N, E, k, H, renormalize, dtype, seed):
+    """Routing of the few-token path (partial logits over hidden slices, summed in one program) equals
+    route's reference; its plan is permute's stable sort plus the list of chosen experts."""
     require("triton", "fused_moe")
-    k = min(k, E)
-    ids = _random_ids(N, k, E, routing, torch.Generator().manual_seed(seed)).to(torch.int32)
+    k = min(k, E, 128 // N)
+    x, gate, _, _ = make_moe(N, H, 1, E, k, "zipf", seed)
+    x = x.to(dtype)
+    assume(routing_margin(x, gate.float(), k) > 1e-4)
     with nan_filled_outputs():
-        sorted_idx, offsets, active = backends.TRITON.impl.few_token_plan(ids.to(DEVICE), E)
-    flat = ids.reshape(-1).long()
+        w, ids, sorted_idx, offsets, active = backends.TRITON.impl.few_token_route(
+            x.to(DEVICE), gate.float().to(DEVICE), k, renormalize)
+    w_ref, ids_ref = RM.route(x.double(), gate.float().double(), k, renormalize)
+    assert torch.equal(ids.cpu().long(), ids_ref)
+    torch.testing.assert_close(w.cpu().double(), w_ref, rtol=1e-5, atol=1e-6)
+    flat = ids_ref.reshape(-1)
     assert torch.equal(sorted_idx.cpu().long(), torch.sort(flat, stable=True).indices)
     counts = torch.bincount(flat, minlength=E)
     assert torch.equal(offsets.cpu().long(), torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))

@@ -116,17 +116,47 @@ def _few_token_report(kernel_name, block_m, config):
                 async_copies=ops["ttg.async_copy_global_to_local"])
 
 
+# The few-token path's other kernels at M1 decode shapes (E32 top-2, 1 to 64 tokens) and at the largest
+# expert count: each must compile for Hopper (their reshapes and one-hot sorts have no CPU-only twin).
+ROUTE_PLAN_SHAPES = [(16, 32, 2, 2), (64, 32, 2, 2), (16, 32, 8, 8), (64, 256, 2, 2), (32, 64, 4, 3)]
+
+
+def few_token_small_kernels_compile():
+    """Shared memory of each compiled launch of the routing, plan and slot-sum kernels."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from m1_kernels.moe_ops.triton import few_token as FT
+
+    def shared(fn, pointers, constexprs):
+        names = fn.arg_names
+        signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
+        src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).metadata.shared
+
+    plan_pointers = dict(partial_ptr="*fp32", weights_ptr="*fp32", ids_ptr="*i32", sorted_idx_ptr="*i32",
+                         offsets_ptr="*i32", active_ptr="*i32")
+    out = [shared(FT.router_logits_kernel, dict(x_ptr="*bf16", gate_ptr="*bf16", partial_ptr="*fp32"),
+                  dict(EXACT_16BIT_DOT=True, BLOCK_N=n, BLOCK_E=32, BLOCK_H=128)) for n in (16, 64)]
+    out += [shared(FT.route_plan_kernel, plan_pointers, dict(TOP_K=k, RENORMALIZE=True, BLOCK_N=n, BLOCK_E=e,
+                                                              BLOCK_K=bk, BLOCK_S=min(e, n * k)))
+            for n, e, bk, k in ROUTE_PLAN_SHAPES]
+    out.append(shared(FT.slot_sum_kernel, dict(ys_ptr="*fp32", out_ptr="*bf16"), dict(TOP_K=2, BLOCK_H=1024)))
+    return out
+
+
 @pytest.fixture(scope="module")
 def reports():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import json, sys; sys.path.insert(0, 'tests'); import test_moe_compile as t; "
             "print(json.dumps([[t.compile_report(*c) for c in t.CASES], "
-            "[t.few_token_reports(*c) for c in t.FEW_TOKEN_CASES]]))")
+            "[t.few_token_reports(*c) for c in t.FEW_TOKEN_CASES], t.few_token_small_kernels_compile()]))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    grouped, few_token = json.loads(done.stdout.strip().splitlines()[-1])
-    return {**dict(zip(CASES, grouped)), **dict(zip(FEW_TOKEN_CASES, few_token))}
+    grouped, few_token, small = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**dict(zip(CASES, grouped)), **dict(zip(FEW_TOKEN_CASES, few_token)), "few-token small kernels": small}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{r}-epilogue{e}-{l}-{'tma' if t else 'ptr'}" for r, e, l, t in CASES])
@@ -147,3 +177,7 @@ def test_few_token_configs_compile_pipelined_for_hopper(reports, case):
         assert r["async_copies"] > 0, f"{r['config']}: the weight stream is not pipelined (no cp.async)"
         if case[1] >= 64:
             assert r["wgmma"] > 0, f"{r['config']}: no wgmma"
+
+
+def test_few_token_routing_plan_and_sum_kernels_compile_for_hopper(reports):
+    assert all(shared <= H100_SMEM for shared in reports["few-token small kernels"])

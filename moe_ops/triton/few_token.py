@@ -8,15 +8,19 @@ all of that expert's rows (at most one per token, so at most N <= 64) sit in one
 (`tl.dot` pads them to 16). Nothing is read back to the host: the grid is sized for the worst case,
 S = min(E, N * k) experts, and the programs of slots past the experts actually chosen exit at once.
 
-    plan_kernel       one program: stable counting sort of the N*k (token, slot) entries by expert
-                      (sorted_idx, offsets, as moe_ops.permute) and the chosen experts in order
-                      (active[s] = the s-th expert with rows, -1 past the last)
-    gate_up_kernel    (slot, F tile): h[rows of e] = silu(x W_gate_e^T) * (x W_up_e^T), x rows
-                      gathered from the tokens directly (no permuted copy of x)
-    down_kernel       (slot, H tile): ys[entry] = weight[entry] * (h[rows of e] W_down_e^T), fp32,
-                      written at each row's (token, slot) entry
-    slot_sum_kernel   out[t] = sum_j ys[t * k + j] in slot order, cast to x's dtype (deterministic:
-                      no atomics)
+    router_logits_kernel  (hidden slice): partial fp32 logits x[:, slice] @ gate[:, slice]^T, so the
+                          router weight is read by many SMs rather than one
+    route_plan_kernel     one program: the partial logits summed in slice order (deterministic),
+                          softmax / top-k / renormalise as moe_ops.route, then a stable counting sort
+                          of the N*k (token, slot) entries by expert (sorted_idx, offsets, as
+                          moe_ops.permute) and the chosen experts in order (active[s] = the s-th
+                          expert with rows, -1 past the last)
+    gate_up_kernel        (slot, F tile): h[rows of e] = silu(x W_gate_e^T) * (x W_up_e^T), x rows
+                          gathered from the tokens directly (no permuted copy of x)
+    down_kernel           (slot, H tile): ys[entry] = weight[entry] * (h[rows of e] W_down_e^T), fp32,
+                          written at each row's (token, slot) entry
+    slot_sum_kernel       out[t] = sum_j ys[t * k + j] in slot order, cast to x's dtype (deterministic:
+                          no atomics)
 
 Programs are numbered with the output tile fastest, so every chosen expert's programs launch before
 any of the idle slots'.
@@ -28,15 +32,52 @@ import triton.language as tl
 from m1_kernels.dispatch import autotune_prune
 
 from .grouped_gemm import INTERPRETED
+from .routing import softmax_top_k
 
 
 @triton.jit
-def plan_kernel(ids_ptr, sorted_idx_ptr, offsets_ptr, active_ptr, NK, E, S,
-                BLOCK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr):
-    i = tl.arange(0, BLOCK)
-    e = tl.load(ids_ptr + i, mask=i < NK, other=-1)
+def router_logits_kernel(x_ptr, gate_ptr, partial_ptr, N, H, E, SLICE, stride_xn, stride_ge,
+                         EXACT_16BIT_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+                         BLOCK_H: tl.constexpr):
+    """partial[s] [BLOCK_N, BLOCK_E] = x[:, s*SLICE:(s+1)*SLICE] @ gate[:, same]^T in fp32 (see
+    routing.route_kernel for EXACT_16BIT_DOT)."""
+    s = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_N)
     experts = tl.arange(0, BLOCK_E)
-    # Ids outside [0, E) (not checked on the device) match no expert and are not placed.
+    logits = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
+    for h0 in range(s * SLICE, tl.minimum(H, (s + 1) * SLICE), BLOCK_H):
+        hs = h0 + tl.arange(0, BLOCK_H)
+        h_mask = hs < H
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xn + hs[None, :],
+                    mask=(rows < N)[:, None] & h_mask[None, :], other=0.0)
+        g = tl.load(gate_ptr + experts[:, None].to(tl.int64) * stride_ge + hs[None, :],
+                    mask=(experts < E)[:, None] & h_mask[None, :], other=0.0)
+        if EXACT_16BIT_DOT:
+            logits = tl.dot(x, tl.trans(g), logits)
+        else:
+            logits = tl.dot(x.to(tl.float32), tl.trans(g.to(tl.float32)), logits, input_precision="ieee")
+    tl.store(partial_ptr + s * BLOCK_N * BLOCK_E + rows[:, None] * BLOCK_E + experts[None, :], logits)
+
+
+@triton.jit
+def route_plan_kernel(partial_ptr, weights_ptr, ids_ptr, sorted_idx_ptr, offsets_ptr, active_ptr, N, E, S,
+                      NUM_SLICES, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
+    rows = tl.arange(0, BLOCK_N)
+    experts = tl.arange(0, BLOCK_E)
+    logits = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
+    for s in range(0, NUM_SLICES):
+        logits += tl.load(partial_ptr + s * BLOCK_N * BLOCK_E + rows[:, None] * BLOCK_E + experts[None, :])
+    top_w, top_id = softmax_top_k(logits, experts < E, experts, TOP_K, RENORMALIZE, BLOCK_E, BLOCK_K)
+    slots = tl.arange(0, BLOCK_K)
+    valid = (rows < N)[:, None] & (slots < TOP_K)[None, :]
+    entry = rows[:, None] * TOP_K + slots[None, :]
+    tl.store(weights_ptr + entry, top_w, mask=valid)
+    tl.store(ids_ptr + entry, top_id, mask=valid)
+
+    # Stable counting sort of the entries (token-major, as their index t * k + j) by expert.
+    e = tl.reshape(tl.where(valid, top_id, -1), (BLOCK_N * BLOCK_K,))
+    entry = tl.reshape(entry, (BLOCK_N * BLOCK_K,))
     onehot = (e[:, None] == experts[None, :]).to(tl.int32)
     counts = tl.sum(onehot, axis=0)
     ends = tl.cumsum(counts, axis=0)
@@ -44,13 +85,13 @@ def plan_kernel(ids_ptr, sorted_idx_ptr, offsets_ptr, active_ptr, NK, E, S,
     tl.store(offsets_ptr, 0)
     rank = tl.sum((tl.cumsum(onehot, axis=0) - onehot) * onehot, axis=1)
     pos = tl.sum(onehot * (ends - counts)[None, :], axis=1) + rank
-    tl.store(sorted_idx_ptr + pos, i, mask=(i < NK) & (e >= 0) & (e < E))
+    tl.store(sorted_idx_ptr + pos, entry, mask=e >= 0)
     used = (counts > 0) & (experts < E)
     slot = tl.cumsum(used.to(tl.int32), axis=0) - 1
     tl.store(active_ptr + slot, experts, mask=used)
-    slots = tl.arange(0, BLOCK_S)
-    tl.store(active_ptr + slots, tl.full((BLOCK_S,), -1, tl.int32),
-             mask=(slots >= tl.sum(used.to(tl.int32), axis=0)) & (slots < S))
+    ss = tl.arange(0, BLOCK_S)
+    tl.store(active_ptr + ss, tl.full((BLOCK_S,), -1, tl.int32),
+             mask=(ss >= tl.sum(used.to(tl.int32), axis=0)) & (ss < S))
 
 
 def _configs(interpreted, tile_name):
