@@ -15,8 +15,9 @@ The interface of a kernel backend module (moe_ops.cuda_backend implements the sa
     grouped_gemm_swiglu(x, gate_up_proj [E, 2F, H], offsets, store_preact) -> (h [M, F], [gate|up] [M, 2F] or [0, 2F])
     grouped_gemm_swiglu_backward(dy [M, H], down_proj [E, H, F], offsets, [gate|up]) -> d[gate|up] [M, 2F]
 
-and, Triton only, the few-token forward of the whole layer (moe_ops.ops uses it for few tokens without
-gradients):
+and, Triton only, the few-token forward of the whole layer (moe_ops.ops uses it for calls without
+gradients that few_token_fits):
+    few_token_fits(num_tokens, top_k) -> bool
     few_token_moe(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize) -> out [N, H]
 """
 
