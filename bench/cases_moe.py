@@ -61,7 +61,8 @@ def _name(what, tokens, E, top_k, H, F, routing, backward):
 def _kernel_backends(device):
     if device.type != "cuda":  # the Triton interpreter is for tests, not for timing
         return []
-    return [row.name for row in backends.OP_BACKENDS["fused_moe"] if row.custom_ops and row.device_error(device) is None]
+    return [row.name for row in backends.OP_BACKENDS["fused_moe"]
+            if row.custom_ops and row.device_error(device) is None]
 
 
 def _runner(fn, backward):

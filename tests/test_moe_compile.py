@@ -111,7 +111,8 @@ def _few_token_report(kernel_name, block_m, config):
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible | set(pointers)})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
-    ops = collections.Counter(re.findall(r"ttng\.warp_group_dot\b|ttg\.async_copy_global_to_local", kernel.asm["ttgir"]))
+    ops = collections.Counter(re.findall(r"ttng\.warp_group_dot\b|ttg\.async_copy_global_to_local",
+                                         kernel.asm["ttgir"]))
     return dict(config=str(config), shared=kernel.metadata.shared, wgmma=ops["ttng.warp_group_dot"],
                 async_copies=ops["ttg.async_copy_global_to_local"])
 
