@@ -34,6 +34,7 @@ from m1_kernels.norm import RMSNorm
 
 from .cache import HybridCache, StepBatch
 from .config import LINEAR, M1Config
+from .lm_head import lm_head_logits
 from .paged_attention import paged_attention_decode, paged_attention_prefill, write_kv
 
 
@@ -264,8 +265,9 @@ class M1ForCausalLM(nn.Module):
             return logits
 
     def _logits(self, hidden):
-        if self.config.lm_head_fp32:
-            return F.linear(hidden.float(), self.lm_head.weight.float())
+        if self.config.lm_head_fp32:      # fp32-accurate from the 16-bit weight, without an fp32 copy of it
+            return lm_head_logits(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight).view(
+                *hidden.shape[:-1], -1)
         return self.lm_head(hidden)
 
     # ------------------------------------------------------------------------------------------------
