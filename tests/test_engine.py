@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 import torch
 
+from m1_kernels.dispatch import backend_error
 from m1_kernels.model import CompletionOutput, Engine, M1Config, M1ForCausalLM, RequestOutput, SamplingParams
 from m1_kernels.model.generate import main as generate_main
 from m1_kernels.model.sampling import filter_thresholds, gumbel_noise, row_keys, sample_torch
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_triton = pytest.mark.skipif(backend_error("triton", DEVICE) is not None, reason="triton backend unavailable here")
 
 
 def tiny_model(seed=0, std=0.2, **changes):
@@ -183,16 +186,16 @@ def test_top_k_and_top_p_thresholds():
         assert set(tokens.tolist()) == allowed
 
 
+@needs_triton
 def test_triton_sampler_matches_torch():
-    pytest.importorskip("triton")
     from m1_kernels.model.sampling_triton import sample_triton
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 5000, generator=g) * 3
-    rows = torch.tensor([0, 1, 2, 2, 1, 0])
-    inv_temp = torch.tensor([1.0, 0.0, 2.0, 0.5, 1.0, 1.0])
-    keys = torch.from_numpy(row_keys([11, 12, 13, 14, 15, 16], [3, 3, 4, 9, 1, 2]))
-    floor = filter_thresholds(logits, rows, inv_temp, torch.tensor([0, 0, 0, 40, 0, 0]),
-                              torch.tensor([1.0, 1.0, 1.0, 1.0, 0.6, 1.0]), kmax=40, any_top_p=True)
+    logits = (torch.randn(3, 5000, generator=g) * 3).to(DEVICE)
+    rows = torch.tensor([0, 1, 2, 2, 1, 0], device=DEVICE)
+    inv_temp = torch.tensor([1.0, 0.0, 2.0, 0.5, 1.0, 1.0], device=DEVICE)
+    keys = torch.from_numpy(row_keys([11, 12, 13, 14, 15, 16], [3, 3, 4, 9, 1, 2])).to(DEVICE)
+    floor = filter_thresholds(logits, rows, inv_temp, torch.tensor([0, 0, 0, 40, 0, 0], device=DEVICE),
+                              torch.tensor([1.0, 1.0, 1.0, 1.0, 0.6, 1.0], device=DEVICE), kmax=40, any_top_p=True)
     expected = sample_torch(logits, rows, inv_temp, floor, keys)
     table = torch.stack([rows, keys, rows], dim=1)                # strided per-row vectors, as the engine passes
     got = sample_triton(logits, table[:, 0], inv_temp, floor, table[:, 1])
@@ -201,6 +204,7 @@ def test_triton_sampler_matches_torch():
     assert int(got[0][1]) == int(logits[1].argmax())               # temperature 0: greedy
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's CPU run; tests/test_engine_gpu.py covers the GPU")
 def test_triton_kernels_under_the_interpreter(model):
     """The engine on the Triton backends (lightning slots, paged attention, sampler) gives the torch path's
     tokens and log-probabilities. (The MoE stays on torch: its interpreted kernels take most of a minute
@@ -364,11 +368,13 @@ def test_model_generate_is_a_one_off_engine(model):
 
 
 def test_command_line(capsys, tmp_path):
-    generate_main(["--preset", "tiny", "--prompt", "1,2,3", "--prompt", "4", "--max-tokens", "3", "--n", "2"])
+    generate_main(["--preset", "tiny", "--prompt", "1,2,3", "--prompt", "4", "--max-tokens", "3", "--n", "2",
+                   "--device", "cpu"])
     text = capsys.readouterr().out
     assert "prompt [1, 2, 3] [1] ->" in text and "tokens/s" in text
     tiny_model().save_pretrained(tmp_path)
-    generate_main(["--checkpoint", str(tmp_path), "--max-tokens", "2", "--temperature", "0.7", "--top-p", "0.9"])
+    generate_main(["--checkpoint", str(tmp_path), "--max-tokens", "2", "--temperature", "0.7", "--top-p", "0.9",
+                   "--device", "cpu"])
     assert "prompt [1, 2, 3, 4] [0] ->" in capsys.readouterr().out
 
 
@@ -377,7 +383,7 @@ def test_command_line(capsys, tmp_path):
     (["--preset", "huge"], "unknown preset 'huge'; choose one of"),
     (["--preset", "minimax-m1", "--device", "cpu"], r"preset 'minimax-m1' needs \d+\.\d GiB of float32 weights"),
     (["--temperature", "-1"], "temperature must be finite and >= 0"),
-    (["--prompt", "1,999"], r"prompts\[0\] holds token ids in \[1, 999\], outside \[0, vocab_size = 128\)"),
+    (["--prompt", "1,999", "--device", "cpu"], r"prompts\[0\] holds token ids in \[1, 999\], outside \[0, vocab_size = 128\)"),
     (["--backend", "jax"], "invalid choice: 'jax'"),
 ])
 def test_command_line_errors(argv, message, capsys):
