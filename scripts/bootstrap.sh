@@ -70,7 +70,8 @@ if [ "${M1_BUILD_CUDA:-1}" = 0 ] || [ -z "$NVCC" ]; then
   built && say "note: keeping the existing $(compgen -G 'm1_kernels/_cuda*.so'), built earlier"
   editable_install 0
 else
-  # Everything the extension's binary depends on; the stamp also records the .so it was written for.
+  # Everything the extension's binary depends on; the stamp also records the .so it was written for
+  # (name, size, mtime): it matches only the very file built from these inputs.
   inputs=$({ find csrc -type f | LC_ALL=C sort | xargs sha256sum; sha256sum setup.py; "$NVCC" --version
              echo "archs=$ARCHS cuda_home=${CUDA_HOME:-}"
              $PY -c "import importlib.metadata as md, sys; print(sys.version, *(md.version(d) for d in ('pybind11', 'nvidia-cutlass')))"
@@ -86,7 +87,6 @@ else
       export MAX_JOBS
     fi
     say "building the CUDA extension for sm_${ARCHS//;/, sm_} with $NVCC, $MAX_JOBS job(s) (about 2-3 min; M1_BUILD_CUDA=0 skips it)"
-    rm -f "$CUDA_STAMP"
     editable_install 1
     if built; then
       echo "$inputs $(so_id)" > "$CUDA_STAMP"
