@@ -272,6 +272,8 @@ class Engine:
                 for slot, index, page in args:
                     tables[(slot, index)] = page
                 continue
+            if kind == "save":                         # a snapshot claimed twice in a row: the last claim wins
+                args = list({snap: (slot, snap) for slot, snap in args}.values())
             columns = [self._upload(np.array(col, dtype=np.int64)) for col in zip(*args)]
             {"zero": self.cache.zero_slots, "load": self.cache.load_snapshots, "save": self.cache.save_snapshots,
              "copy_slot": self.cache.copy_slots, "copy_page": self.cache.copy_pages}[kind](*columns)

@@ -321,6 +321,19 @@ def test_prefix_cache_multi_turn_history(model):
     assert out.token_ids == full_greedy(model, turn2, 6)[0]
 
 
+def test_one_snapshot_claimed_twice_in_a_step(model):
+    """Two prompts finishing blocks in one step with room for one snapshot: the entry that keeps it holds
+    its own prompt's state (the later claim wins on the device too)."""
+    engine = small_engine(model, max_prefix_snapshots=1)
+    a, b = prompts_of([19, 21], seed=30)
+    engine.generate([a, b], GREEDY)
+    owner = [e for e in engine.blocks.entries.values() if e.snapshot is not None]
+    assert len(owner) == 1
+    hit = (b if owner[0].name in engine.blocks.block_hashes(b) else a)[:16] + [5, 6, 7]
+    assert engine.generate([hit], GREEDY)[0].outputs[0].token_ids == full_greedy(model, hit, 6)[0]
+    assert engine.stats["cached_tokens"] == 16
+
+
 def test_prefix_cache_eviction_under_page_pressure(model):
     """Cached blocks give their pages back when requests need them; snapshots are bounded."""
     engine = small_engine(model, num_pages=40, max_prefix_snapshots=2)
