@@ -73,7 +73,11 @@ def _metadata(path):
 
 def _run_outside(target, tmp_path, code, *args):
     """Run `code` (or `-m ...` args) in a clean interpreter from a folder outside the checkout."""
-    paths = [str(target)] + list(dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib")))
+    # This environment's package folders (torch, triton), as they are on sys.path (a venv's, or a system
+    # Python's dist-packages), and nothing else of sys.path: not the checkout.
+    site_dirs = [sysconfig.get_paths()[k] for k in ("purelib", "platlib")]
+    site_dirs += [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")]
+    paths = [str(target)] + [p for p in dict.fromkeys(site_dirs) if os.path.isdir(p)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "M1_"))}
     env.update(PYTHONPATH=os.pathsep.join(paths), PYTHONNOUSERSITE="1")
     cmd = [sys.executable, "-S"] + (["-c", code] if code else []) + list(args)
