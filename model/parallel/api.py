@@ -6,7 +6,8 @@ their names stay, so checkpoints and optimizers see the same names) and adds hoo
 - "ep": every SparseMoE becomes an ExpertParallelMoE (expert.py) holding E / ep experts.
 - "cp": lightning layers become ContextParallelLightning, softmax layers ContextParallelSoftmax
   (context.py).
-- FSDP2 `fully_shard` on every decoder layer, on [final norm, LM head] together, then on the root.
+- FSDP2 `fully_shard` on the embedding, on every decoder layer, then on the root (which keeps the
+  final norm and the LM head).
   The dense parameters are sharded over all the mesh's ranks (dp x ep x cp flattened); the expert
   weights, already split over "ep", are sharded over the other dims (dp x cp) in a group of their
   own (not at all when "ep" is the only dim).
@@ -157,10 +158,15 @@ def _apply_fsdp(model, mesh, param_dtype, reduce_dtype, reshard_after_forward):
                             reshard_after_forward=reshard_after_forward)
         fully_shard(layer, mesh=dense_mesh, mp_policy=compute, reshard_after_forward=reshard_after_forward,
                     ignored_params=ignored or None)
-    if not model.config.tie_word_embeddings:
-        fully_shard([model.model.norm, model.lm_head], mesh=dense_mesh, mp_policy=head,
-                    reshard_after_forward=reshard_after_forward, ignored_params=ignored or None)
-    fully_shard(model, mesh=dense_mesh, mp_policy=compute, ignored_params=ignored or None)
+    # The root group holds what the root's own forward touches outside any submodule call (the LM head
+    # weight, read directly by an fp32 head): the final norm and LM head, in their own precision. A tied
+    # head shares the embedding's weight, so then the embedding stays in the root group too.
+    if model.config.tie_word_embeddings:
+        fully_shard(model, mesh=dense_mesh, mp_policy=compute, ignored_params=ignored or None)
+    else:
+        fully_shard(model.model.embed_tokens, mesh=dense_mesh, mp_policy=compute,
+                    reshard_after_forward=reshard_after_forward)
+        fully_shard(model, mesh=dense_mesh, mp_policy=head, ignored_params=ignored or None)
     dp = mesh["dp"].size() if "dp" in names else 1
     for module in model.modules():
         if isinstance(module, FSDPModule):

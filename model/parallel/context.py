@@ -72,6 +72,15 @@ class _InitialStateCorrection(torch.autograd.Function):
         return dout, dq, dinit, None, None, None
 
 
+def _in_backward(state, q, k, v):
+    """`state` as the all-gather's input. Whether the all-gather is differentiated must agree across
+    ranks (its backward is a collective): a chunk with no tokens has a final state without history,
+    so it joins the graph as a leaf whenever the inputs ask for gradients."""
+    if torch.is_grad_enabled() and not state.requires_grad and any(t.requires_grad for t in (q, k, v)):
+        return state.detach().requires_grad_()
+    return state
+
+
 def _packed_plan(cu, sizes, rank):
     """Host-side plan of one chunk of a packed batch.
 
@@ -122,7 +131,7 @@ def lightning_attn_cp(q, k, v, slope, group, *, scale=1.0, cu_seqlens=None, chun
         if chunk_sizes is not None:
             raise ValueError("chunk_sizes goes with cu_seqlens (without it the lengths travel with the states)")
         o, final = lightning_attn(q, k, v, slope, scale=scale, output_final_state=True, backend=backend)
-        packed = torch.cat([final.flatten(), final.new_full((1,), float(T))])
+        packed = torch.cat([_in_backward(final, q, k, v).flatten(), final.new_full((1,), float(T))])
         gathered = gather_varlen(packed[None], 0, [1] * world, group)           # [world, n + 1]
         states = gathered[:, :-1].view(world, *final.shape)
         lengths = gathered[:, -1].detach()
@@ -145,7 +154,7 @@ def lightning_attn_cp(q, k, v, slope, group, *, scale=1.0, cu_seqlens=None, chun
         local = torch.tensor(local, dtype=cu_seqlens.dtype, device=q.device)
         o, finals = lightning_attn(q, k, v, slope, scale=scale, cu_seqlens=local, output_final_state=True,
                                    backend=backend)
-        last = finals[-1:]                             # the piece that may run on into the next chunk
+        last = _in_backward(finals[-1:], q, k, v)      # the piece that may run on into the next chunk
         states = gather_varlen(last[None], 0, [1] * world, group)                # [world, 1, H, D, Dv]
         carry = torch.tensor(carry, device=q.device)
         exponent = torch.tensor(exponent, dtype=torch.float32, device=q.device)
@@ -211,4 +220,4 @@ class ContextParallelSoftmax(SoftmaxAttention):
         keys, values = kv.transpose(1, 2).split(self.head_dim, dim=-1)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=causal_lower_right(T, end),
                                            enable_gqa=True)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
