@@ -175,6 +175,17 @@ def test_gpu_gradients_bf16_medium(h_dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("index", range(len(triton_logprobs.TILE_CONFIGS)) if triton_logprobs else [])
+def test_gpu_every_autotune_config(index):
+    """Each tile config of the three kernels (a problem above TUNE_MIN_MACS, so none is pruned), with several
+    vocabulary chunks."""
+    from m1_kernels.dispatch import triton_config
+    kernels = [triton_logprobs._forward_kernel, triton_logprobs._dlogits_kernel, triton_logprobs._matmul_kernel]
+    with triton_config(index, kernels), small_chunks(dz_bytes=2 << 20, dh_bytes=1 << 20):
+        check_against_float64("triton", 1000, 1024, 4200, torch.bfloat16, torch.bfloat16, index)
+
+
+@pytest.mark.gpu
 @pytest.mark.xdist_group("large")
 def test_gpu_real_shape_error_below_1e4():
     """8192 tokens, hidden 6144, vocabulary 200064, bf16 hidden and weight: log-prob and entropy error at most

@@ -35,7 +35,7 @@ TASK = dict(task="reverse", task_options=dict(min_len=3, max_len=6, alphabet=8))
 MODEL = dict(vocab_size=48, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
              head_dim=32, rotary_dim=16, intermediate_size=256, num_local_experts=4, num_experts_per_tok=2,
              layer_types=["linear_attention"] * 3 + ["full_attention"], max_position_embeddings=256)
-SMOKE_MODEL = dict(MODEL, hidden_size=32, head_dim=8, rotary_dim=4, intermediate_size=32)
+SMOKE_MODEL = dict(MODEL, hidden_size=64, head_dim=16, rotary_dim=8, intermediate_size=64)
 METHODS = {
     "CISPO": dict(method="cispo", eps_low=None, eps_high=0.28, dynamic_sampling=True),
     "DAPO": dict(method="ppo", eps_low=0.2, eps_high=0.28, dynamic_sampling=True),
@@ -44,7 +44,10 @@ METHODS = {
 COMMON = dict(**TASK, prompts_per_step=16, samples_per_prompt=8, max_new_tokens=10, updates_per_batch=4,
               micro_batch_size=128, lr=3e-4, grad_clip=1.0, temperature=1.0, max_num_seqs=128, max_model_len=32,
               resume=False, progress=False)
-SMOKE = dict(prompts_per_step=4, samples_per_prompt=4, max_new_tokens=8, max_sampling_rounds=2, max_num_seqs=16)
+# The smoke run's task is easy enough that a few warm-up steps give non-zero rewards (so the updates run).
+SMOKE = dict(task_options=dict(min_len=1, max_len=2, alphabet=3), prompts_per_step=4, samples_per_prompt=4,
+             max_new_tokens=8, max_sampling_rounds=2, max_num_seqs=16)
+WARMUP_CHECK_EVERY = 5      # warm-up steps between accuracy checks (the accuracy rises steeply once it rises)
 THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
 WINDOW = 3
 
@@ -60,13 +63,13 @@ def sampled_accuracy(engine, task, n, seed):
     return sum(task.reward(p, o.outputs[0].token_ids) for p, o in zip(prompts, outputs)) / n
 
 
-def warm_up(folder, device, model_overrides, max_steps, target, seed=0):
-    """Supervised warm-up until the sampled accuracy reaches `target` (checked every 25 steps on 128 prompts);
-    saves the model to `folder`. Returns a summary."""
+def warm_up(folder, device, model_overrides, task_options, max_steps, target, seed=0):
+    """Supervised warm-up until the sampled accuracy reaches `target` (checked every WARMUP_CHECK_EVERY steps on
+    128 prompts); saves the model to `folder`. Returns a summary."""
     from m1_kernels.model import Engine, M1Config, M1ForCausalLM
 
     from .warmup import supervised_warmup
-    task = make_task(TASK["task"], **TASK["task_options"])
+    task = make_task(TASK["task"], **task_options)
     torch.manual_seed(seed)
     with torch.device(device):
         model = M1ForCausalLM(M1Config.preset("tiny").replace(**model_overrides))
@@ -74,7 +77,7 @@ def warm_up(folder, device, model_overrides, max_steps, target, seed=0):
     accuracy = [(0, sampled_accuracy(engine, task, 128, seed=10_000))]
 
     def stop(step, loss):
-        if (step + 1) % 25:
+        if (step + 1) % WARMUP_CHECK_EVERY:
             return False
         engine.update_weights(model)   # the engine runs this very model: only its prefix cache is dropped
         accuracy.append((step + 1, sampled_accuracy(engine, task, 128, seed=10_000 + step)))
@@ -168,14 +171,14 @@ def main(argv=None):
                         help="a tiny model, 4 prompts x 4 samples, 3 steps per run, 1 seed (a CPU check)")
     parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default 40, smoke 3)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3, smoke 1)")
-    parser.add_argument("--warmup-steps", type=int, default=None, help="most warm-up steps (default 600, smoke 10)")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="most warm-up steps (default 600, smoke 60)")
     parser.add_argument("--warmup-target", type=float, default=0.25, help="warm-up stops at this sampled accuracy")
     parser.add_argument("--jobs", type=int, default=3, help="RL runs in parallel processes (default 3)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     steps = args.steps or (3 if args.smoke else 40)
     seeds = args.seeds or (1 if args.smoke else 3)
-    warmup_steps = args.warmup_steps if args.warmup_steps is not None else (10 if args.smoke else 600)
+    warmup_steps = args.warmup_steps if args.warmup_steps is not None else (60 if args.smoke else 600)
     model = SMOKE_MODEL if args.smoke else MODEL
     from m1_kernels.bench.harness import device_name
     device = torch.device(args.device)
@@ -184,7 +187,8 @@ def main(argv=None):
     checkpoint = os.path.join(runs_dir, "warmup")
     t0 = time.perf_counter()
     print(f"warm-up: at most {warmup_steps} steps, until sampled accuracy {args.warmup_target}", flush=True)
-    warm = warm_up(checkpoint, device, model, warmup_steps, args.warmup_target)
+    settings = {**COMMON, **(SMOKE if args.smoke else {})}
+    warm = warm_up(checkpoint, device, model, settings["task_options"], warmup_steps, args.warmup_target)
     print(f"warm-up: {warm['steps']} steps, sampled accuracy {warm['accuracy'][-1][1]:.3f}, "
           f"{warm['seconds']:.1f} s", flush=True)
     jobs = [(m, s, checkpoint, runs_dir, steps, args.device, args.smoke) for m in METHODS for s in range(seeds)]
@@ -203,7 +207,7 @@ def main(argv=None):
     stem = os.path.join(args.out, f"{device_name(device)}-CISPO-vs-DAPO-GRPO")
     result = {"description": __doc__.split("\n\n")[0], "device": device_name(device), "smoke": args.smoke,
               "model": model,
-              "settings": {**COMMON, **(SMOKE if args.smoke else {}), "steps": steps}, "methods": METHODS, "warmup": warm,
+              "settings": {**settings, "steps": steps}, "methods": METHODS, "warmup": warm,
               "thresholds": THRESHOLDS, "window": WINDOW, "summary": summary, "runs": runs,
               "total_seconds": time.perf_counter() - t0}
     with open(stem + ".json", "w") as f:

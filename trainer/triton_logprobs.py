@@ -49,17 +49,23 @@ COLUMN_ALIGN, ROW_ALIGN = (32, 16) if INTERPRETED else (256, 128)
 TUNE_MIN_MACS = 1 << 32
 
 
-def _tile_configs(two_d_group):
-    if INTERPRETED:  # one small config: the interpreter runs every element
-        return [triton.Config(dict(BLOCK_N=16, BLOCK_V=32, BLOCK_K=16, GROUP=2), num_warps=4)]
-    big = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 4)]
-    return [triton.Config(dict(BLOCK_N=m, BLOCK_V=n, BLOCK_K=k, GROUP=two_d_group), num_warps=w, num_stages=s)
-            for m, n, k, w, s in big]
+def _config(m, n, k, warps, stages):
+    return triton.Config(dict(BLOCK_N=m, BLOCK_V=n, BLOCK_K=k, GROUP=8), num_warps=warps, num_stages=stages)
 
 
-def _prune_small(configs, named_args, **kwargs):
+# The interpreter runs every element: one small config. On the GPU, three tile shapes for 16-bit operands (at
+# most 192 KiB of shared memory, with an fp32 hidden tile too), and one narrow tile for fp32 operands, whose
+# doubled buffers would not fit the others.
+TILE_CONFIGS = [_config(16, 32, 16, 4, 1)] if INTERPRETED else \
+    [_config(128, 256, 64, 8, 3), _config(128, 128, 64, 8, 4), _config(64, 256, 64, 8, 4)]
+FP32_CONFIG = TILE_CONFIGS[0] if INTERPRETED else _config(64, 128, 32, 4, 2)
+
+
+def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    if args["N_BUCKET"] * args["K"] * args["V_TOTAL"] < TUNE_MIN_MACS:
+    if args["FP32_DOT"]:
+        return [FP32_CONFIG]
+    if args["N_BUCKET"] * args["K_BUCKET"] * args["V_TOTAL"] < TUNE_MIN_MACS:
         return configs[-1:]
     return configs
 
@@ -98,12 +104,13 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, H, stride_hn, stride_wv, PIECES: tl.c
     return acc
 
 
-@triton.autotune(configs=_tile_configs(8), key=["N_BUCKET", "K", "V_TOTAL", "PIECES", "WITH_ENTROPY"],
-                 prune_configs_by={"early_config_prune": autotune_prune(_prune_small)}, cache_results=True)
+# Autotune keys hold powers of two of the row and reduction sizes: an RL run's token counts change every call.
+@triton.autotune(configs=TILE_CONFIGS, key=["N_BUCKET", "K_BUCKET", "V_TOTAL", "PIECES", "WITH_ENTROPY"],
+                 prune_configs_by={"early_config_prune": autotune_prune(_prune)}, cache_results=True)
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _forward_kernel(h_ptr, w_ptr, tgt_ptr, part_m_ptr, part_s_ptr, part_t_ptr, zt_ptr, N, V_TOTAL, K,
-                    stride_hn, stride_wv, N_BUCKET, WITH_ENTROPY: tl.constexpr, PIECES: tl.constexpr,
+                    stride_hn, stride_wv, N_BUCKET, K_BUCKET, WITH_ENTROPY: tl.constexpr, PIECES: tl.constexpr,
                     FP32_DOT: tl.constexpr, COLUMNS: tl.constexpr, EVEN_K: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
     """Partial (m, s, t) of rows block x COLUMNS columns into part_*[group, row]; the target logit into zt."""
@@ -145,12 +152,12 @@ def _forward_kernel(h_ptr, w_ptr, tgt_ptr, part_m_ptr, part_s_ptr, part_t_ptr, z
     tl.store(zt_ptr + rows, z_target, mask=row_ok & (found > 0))
 
 
-@triton.autotune(configs=_tile_configs(8), key=["N_BUCKET", "K", "V_TOTAL", "PIECES", "WITH_ENTROPY_GRAD"],
-                 prune_configs_by={"early_config_prune": autotune_prune(_prune_small)}, cache_results=True)
+@triton.autotune(configs=TILE_CONFIGS, key=["N_BUCKET", "K_BUCKET", "V_TOTAL", "PIECES", "WITH_ENTROPY_GRAD"],
+                 prune_configs_by={"early_config_prune": autotune_prune(_prune)}, cache_results=True)
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _dlogits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, dz_ptr, N, V_TOTAL, K,
-                    col_start, cols_here, stride_hn, stride_wv, stride_dz, N_BUCKET,
+                    col_start, cols_here, stride_hn, stride_wv, stride_dz, N_BUCKET, K_BUCKET,
                     WITH_ENTROPY_GRAD: tl.constexpr, PIECES: tl.constexpr, FP32_DOT: tl.constexpr,
                     EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                     GROUP: tl.constexpr):
@@ -175,12 +182,13 @@ def _dlogits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_p
     tl.store(dz_ptr + rows[:, None] * stride_dz + local[None, :], dz.to(dz_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.autotune(configs=_tile_configs(8), key=["N_BUCKET", "K", "V_TOTAL", "PIECES", "ACCUMULATE"],
-                 prune_configs_by={"early_config_prune": autotune_prune(_prune_small)}, cache_results=True)
+@triton.autotune(configs=TILE_CONFIGS, key=["N_BUCKET", "K_BUCKET", "V_TOTAL", "PIECES", "ACCUMULATE"],
+                 prune_configs_by={"early_config_prune": autotune_prune(_prune)}, cache_results=True,
+                 restore_value=["c_ptr"])   # timing the configs must not accumulate into c several times
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, V_TOTAL, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
-                   stride_cn, N_BUCKET, ACCUMULATE: tl.constexpr, PIECES: tl.constexpr,
+                   stride_cn, N_BUCKET, K_BUCKET, ACCUMULATE: tl.constexpr, PIECES: tl.constexpr,
                    FP32_DOT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
     """c[M, V_TOTAL] (+)= a[M, K] @ b[K, V_TOTAL] with fp32 accumulation (BLOCK_N rows, BLOCK_V columns per
@@ -245,7 +253,7 @@ def forward(hidden, weight, targets, with_entropy):
         return z_target, z_target.new_empty(N if with_entropy else 0), z_target.clone()
     _forward_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * groups,)](
         hidden, weight, targets, part_m, part_s, part_t, z_target, N, V, H, hidden.stride(0), weight.stride(0),
-        _bucket(N), WITH_ENTROPY=with_entropy, PIECES=_pieces(hidden.dtype, weight.dtype),
+        _bucket(N), _bucket(H), WITH_ENTROPY=with_entropy, PIECES=_pieces(hidden.dtype, weight.dtype),
         FP32_DOT=weight.dtype == torch.float32, COLUMNS=COLUMNS_PER_PROGRAM)
     top = part_m.max(dim=0).values
     scale = torch.exp(part_m - top)
@@ -260,7 +268,7 @@ def _matmul(a, b, c, accumulate):
     Nc = b.shape[1]
     _matmul_kernel[_grid_2d(M, Nc)](
         a, b, c, M, Nc, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), _bucket(M),
-        ACCUMULATE=accumulate, PIECES=_pieces(a.dtype, b.dtype), FP32_DOT=b.dtype == torch.float32)
+        _bucket(K), ACCUMULATE=accumulate, PIECES=_pieces(a.dtype, b.dtype), FP32_DOT=b.dtype == torch.float32)
 
 
 def backward(grad_logp, grad_entropy, hidden, weight, targets, lse, entropy, need_dh, need_dw):
@@ -295,7 +303,7 @@ def backward(grad_logp, grad_entropy, hidden, weight, targets, lse, entropy, nee
             _dlogits_kernel[_grid_2d(n, cols)](
                 h_rows, weight, targets[r0:r1], lse[r0:r1], entropy[r0:r1] if with_ent else lse,
                 grad_logp[r0:r1], grad_entropy[r0:r1] if with_ent else grad_logp, dz, n, V, H, c0, cols,
-                h_rows.stride(0), weight.stride(0), dz.stride(0), _bucket(n), WITH_ENTROPY_GRAD=with_ent,
+                h_rows.stride(0), weight.stride(0), dz.stride(0), _bucket(n), _bucket(H), WITH_ENTROPY_GRAD=with_ent,
                 PIECES=_pieces(hidden.dtype, weight.dtype), FP32_DOT=weight.dtype == torch.float32)
             dz_c = dz[:, :cols]
             if need_dh:
