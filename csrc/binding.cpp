@@ -51,6 +51,8 @@ PYBIND11_MODULE(_cuda, m) {
       .value("large", m1::GroupedGemmTile::kLarge)
       .value("small", m1::GroupedGemmTile::kSmall);
   m.attr("GROUPED_GEMM_SMALL_TILE_MAX_ROWS_PER_EXPERT") = m1::kGroupedGemmSmallTileMaxRowsPerExpert;
+  m.attr("LIGHTNING_PREFILL_CHUNK") = m1::kLightningPrefillChunk;
+  m.attr("LIGHTNING_PREFILL_VALUE_TILE") = m1::kLightningPrefillValueTile;
 
   m.def("device_count", &device_count, "CUDA devices visible to the statically linked runtime");
 

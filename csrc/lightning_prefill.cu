@@ -24,8 +24,8 @@
 namespace m1 {
 namespace {
 
-constexpr int kChunk = 64;    // tokens per chunk
-constexpr int kBV = 64;       // state columns per block
+constexpr int kChunk = kLightningPrefillChunk;  // tokens per chunk
+constexpr int kBV = kLightningPrefillValueTile;  // state columns per block
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kPad = 8;       // 16 bytes of padding per shared-memory row: conflict-free ldmatrix
@@ -470,7 +470,9 @@ void launch(const LightningPrefillArgs& a) {
 
 template <typename T>
 void dispatch_dims(const LightningPrefillArgs& a) {
-  if (a.value_dim % kBV != 0) throw std::invalid_argument("lightning_prefill_forward: value_dim must be a multiple of 64");
+  if (a.value_dim % kBV != 0) {
+    throw std::invalid_argument("lightning_prefill_forward: value_dim must be a multiple of " + std::to_string(kBV));
+  }
   if (a.head_dim == 128) return launch<T, 128>(a);
   if (a.head_dim == 64) return launch<T, 64>(a);
   throw std::invalid_argument("lightning_prefill_forward: head_dim must be 64 or 128");

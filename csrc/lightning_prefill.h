@@ -5,6 +5,11 @@
 
 namespace m1 {
 
+// Tokens per chunk and state columns per block of the kernels; the host cuts segments into whole chunks
+// and counts a segment's blocks in value tiles (the binding exports both to Python).
+constexpr int kLightningPrefillChunk = 64;
+constexpr int kLightningPrefillValueTile = 64;
+
 // Tokens are addressed as (row b, position t): element offset b * stride_b + t * stride_t + h * stride_h
 // (unit stride in the last dim). Plain batches use b = sequence; packed varlen batches use b = 0 and
 // t = the packed position. The host splits every sequence into segments (a work table of int32 rows

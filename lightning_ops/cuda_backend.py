@@ -34,7 +34,8 @@ def lightning_decode(q, k, v, slope, state, slot_idx, scale):
 
 
 def _segment_table(B, T, H, Dv, cu_seqlens, device):
-    """Cut every sequence into segments of whole 64-token chunks, enough of them to fill the GPU.
+    """Cut every sequence into segments of whole chunks (the kernels' token block), enough of them to
+    fill the GPU (4 to 256 chunks each).
 
     Returns int32 tables on `device`: segments [G, 4] (row b, start t, length, sequence) and
     sequences [N, 2] (first segment, count). Fixed-length tables are cached per shape, so a repeated
@@ -53,11 +54,13 @@ def _fixed_length_table(B, T, H, Dv, device, blocks_per_sm):
 
 
 def _build_table(rows, starts, lengths, H, Dv, device, blocks_per_sm):
+    ext = cuda_extension(device)
+    chunk = ext.LIGHTNING_PREFILL_CHUNK
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    blocks_per_segment = H * (Dv // 64)
+    blocks_per_segment = H * (Dv // ext.LIGHTNING_PREFILL_VALUE_TILE)
     total = max(sum(lengths), 1)
     seg_len = -(-total * blocks_per_segment // (blocks_per_sm * sms))
-    seg_len = min(max(256, -(-seg_len // 64) * 64), 16384)
+    seg_len = min(max(4 * chunk, -(-seg_len // chunk) * chunk), 256 * chunk)
     segments, sequences = [], []
     for n, (row, start, length) in enumerate(zip(rows, starts, lengths)):
         first = len(segments)

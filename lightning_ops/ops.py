@@ -13,7 +13,8 @@ bodies, outside torch.compile tracing and CUDA-graph capture:
 - cu_seqlens (starts at 0, ends at T, non-decreasing): every prefill call.
 - slope (finite and >= 0): every call on CPU tensors; on CUDA, each slope tensor once per prefill op
   (again after it is modified in place), never in decode, whose kernels turn a bad rate into NaN
-  outputs and states instead of silently wrong numbers.
+  outputs and states instead of silently wrong numbers. LightningAttention's rates come from
+  `slopes`, positive by construction (it rejects a layer index outside the model).
 - slot_idx (in range, distinct): CPU tensors only. On CUDA an out-of-range slot gives NaN output and
   touches no state; duplicate slots are not detected (the result is then undefined).
 """
