@@ -204,3 +204,18 @@ def test_gpu_real_shape_error_below_1e4():
     with torch.no_grad():
         base = plain_head(hidden, weight, targets)[0]
     assert max_err(logp[rows], ref_logp) * 10 < max_err(base[rows], ref_logp), "no better than the bf16 head"
+
+
+def test_torch_compile_traces_the_op():
+    """The custom op's fake and autograd registrations under torch.compile (aot_eager: no C++ toolchain)."""
+    hidden, weight, targets, g1, g2 = problem(11, 16, 37, torch.float32, torch.float32, 4)
+
+    def loss(h, w):
+        logp, ent = _fused_logprobs(h, w, targets, True, "torch")[:2]
+        return (logp * g1.float() + ent * g2.float()).sum()
+
+    eager = torch.autograd.grad(loss(hidden, weight), [hidden, weight])
+    compiled = torch.autograd.grad(torch.compile(loss, backend="aot_eager", fullgraph=True)(hidden, weight),
+                                   [hidden, weight])
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -8,7 +8,7 @@ half the steps there), at a size that runs in minutes on one GPU:
    updates per generation batch, one learning rate): CISPO (no lower bound, eps_high 0.28, token
    normalisation, dynamic sampling), DAPO (PPO-clip with clip-higher 0.2 / 0.28, token normalisation, dynamic
    sampling) and GRPO (PPO-clip 0.2 / 0.2, per-sequence normalisation, no dynamic sampling); 3 seeds each (the
-   seed draws the prompts and samples; the start is the same).
+   seed draws the prompts and samples; the start is the same), in parallel processes.
 3. Reward (the first sampling round's mean: the current policy's accuracy) against training steps, steps to
    reach each threshold (first step whose 3-step running mean reaches it), spread over seeds; one JSON and one
    plot named <device>-CISPO-vs-DAPO-GRPO.{json,png} in --out.
@@ -173,7 +173,9 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3, smoke 1)")
     parser.add_argument("--warmup-steps", type=int, default=None, help="most warm-up steps (default 600, smoke 60)")
     parser.add_argument("--warmup-target", type=float, default=0.25, help="warm-up stops at this sampled accuracy")
-    parser.add_argument("--jobs", type=int, default=3, help="RL runs in parallel processes (default 3)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="RL runs in parallel processes (default: all of them on a GPU, whose launch-bound "
+                             "runs interleave; 1 on the CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     steps = args.steps or (3 if args.smoke else 40)
@@ -194,7 +196,8 @@ def main(argv=None):
     jobs = [(m, s, checkpoint, runs_dir, steps, args.device, args.smoke) for m in METHODS for s in range(seeds)]
     runs = []
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=context) as pool:
+    workers = args.jobs or (len(jobs) if device.type == "cuda" else 1)
+    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=context) as pool:
         for method, seed, records, seconds in pool.map(run_one, jobs):
             runs.append({"method": method, "seed": seed, "seconds": seconds,
                          "reward": [r["reward_mean"] for r in records],
