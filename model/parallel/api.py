@@ -224,7 +224,7 @@ def parallelize(model: M1ForCausalLM, mesh: DeviceMesh, *, param_dtype: torch.dt
             elif isinstance(layer.self_attn, SoftmaxAttention):
                 ContextParallelSoftmax.convert(layer.self_attn, layout.cp_group)
     _apply_fsdp(model, mesh, param_dtype, reduce_dtype, reshard_after_forward)
-    model.register_forward_pre_hook(_reject_inference_args, with_kwargs=True)
+    model.register_forward_pre_hook(_reject_inference_args, with_kwargs=True, prepend=True)  # before FSDP's
     model.model.register_forward_pre_hook(_InputHook(layout, io), with_kwargs=True)
     if io == "full" and (layout.ep_group is not None or layout.cp_group is not None):
         model.register_forward_hook(_OutputHook(layout), with_kwargs=True)
