@@ -44,17 +44,29 @@ PIECES = {(torch.float32, torch.bfloat16): 3, (torch.float16, torch.bfloat16): 2
 
 @triton.jit
 def split_dot(x, w, acc, PIECES: tl.constexpr):
-    """acc + x @ w for an fp32 x [M, K] and a 16-bit w [K, N]: x as the sum of PIECES pieces in w's
-    dtype (each the rounding of what the previous ones leave), every piece's products with w exact in
-    the fp32 accumulator. One load of w serves all pieces. PIECES gives the count per dtype pair; for
+    """acc + x @ w for an x [M, K] (any float dtype) and a 16-bit w [K, N]: x as the sum of PIECES
+    pieces in w's dtype (each the rounding of what the previous ones leave), every piece's products
+    with w exact in fp32. One load of w serves all pieces. PIECES gives the count per dtype pair; for
     fp16 pieces, scale each row of x first by a power of two to a maximum in [0.5, 1) (as
-    `_logits_triton` does), or small values fall below fp16's range."""
-    rest = x
-    for _ in tl.static_range(PIECES):
-        piece = rest.to(w.dtype)
-        acc = tl.dot(piece, w, acc)
-        rest = rest - piece.to(tl.float32)
-    return acc
+    `_logits_triton` does), or small values fall below fp16's range.
+
+    The tile's products go into a fresh accumulator, smallest piece first, which is then added to
+    `acc` with fp32 adds: Hopper's tensor cores align an MMA's products to the exponent of the running
+    accumulator and drop the bits below it, so one accumulator carried over K = 6144 gave 2.5-6x the
+    fp32 matmul's error on the H200 (bench/NOTES.md, session 7)."""
+    tl.static_assert(PIECES <= 3)
+    hi = x.to(w.dtype)
+    if PIECES == 1:
+        part = tl.dot(hi, w)
+    else:
+        rest = x.to(tl.float32) - hi.to(tl.float32)
+        mid = rest.to(w.dtype)
+        if PIECES == 2:
+            part = tl.dot(hi, w, tl.dot(mid, w))
+        else:
+            lo = (rest - mid.to(tl.float32)).to(w.dtype)
+            part = tl.dot(hi, w, tl.dot(mid, w, tl.dot(lo, w)))
+    return acc + part
 
 
 def _configs():
@@ -101,10 +113,7 @@ def _lm_head_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, N, V, H, stride_xn, stride
         k = k0 + ks
         x = tl.load(x_rows + k[None, :], mask=(rows < N)[:, None] & (k < H)[None, :], other=0.0)
         w = tl.load(w_cols + k[:, None], mask=(k < H)[:, None] & (cols < V)[None, :], other=0.0)   # [BK, BN]
-        if PIECES == 1:  # an activation in the weight's dtype goes to the dot as loaded (a plain GEMM)
-            acc = tl.dot(x.to(w.dtype), w, acc)
-        else:
-            acc = split_dot(x.to(tl.float32), w, acc, PIECES)
+        acc = split_dot(x, w, acc, PIECES)
     if ROW_SCALE:
         acc = acc * tl.load(scale_ptr + rows, mask=rows < N, other=1.0)[:, None]
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_on + cols[None, :], acc,
