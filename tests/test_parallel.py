@@ -22,6 +22,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.distributed.tensor import DTensor
 
 from m1_kernels.lightning_ops import lightning_attn, slopes
@@ -399,17 +401,79 @@ def check_load_checkpoint(folder, names, shape):
 # ---------------------------------------------------------------------------------------------------
 # Tests
 
-def _model_checks(world):
-    return [("check_model", (names, shape)) for names, shape in _meshes(world)]
+@st.composite
+def _chunked_packing(draw):
+    """(cu_seqlens, chunk sizes): up to 40 tokens in up to 6 sequences (zero-length ones too) over up to
+    5 chunks (empty ones too); sequence boundaries often fall on chunk edges."""
+    total = draw(st.integers(0, 40))
+    world = draw(st.integers(1, 5))
+    edges = sorted(draw(st.lists(st.integers(0, total), min_size=world - 1, max_size=world - 1)))
+    cuts = draw(st.lists(st.one_of(st.integers(0, total), st.sampled_from([0, *edges, total])), max_size=5))
+    bounds = [0, *edges, total]
+    return [0, *sorted(cuts), total], [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@settings(max_examples=150)        # host arithmetic on at most 40 tokens: cheap, and the cases are many
+@given(_chunked_packing(), st.integers(0, 3))
+def test_packed_plan_reassembles_the_sequence(packing, layer):
+    """The host-side plan of lightning_attn_cp for packed sequences, in float64 on one process: each
+    chunk from zero states, its initial state from the other chunks' last states with the plan's
+    coefficients, the correction on its first piece: together, exactly the whole packed sequence."""
+    from m1_kernels.model.parallel.context import _packed_plan
+    cu, sizes = packing
+    H, D = 2, 4
+    slope = RL.slopes(H, layer, 4)
+    g = torch.Generator().manual_seed(len(cu) * 41 + sum(sizes))
+    q, k, v = (torch.randn(1, cu[-1], H, D, generator=g, dtype=torch.float64) for _ in range(3))
+    whole, _ = RL.lightning_attn_varlen(RL.lightning_attn_recurrent, q, k, v, slope, cu)
+    starts = [sum(sizes[:r]) for r in range(len(sizes))]
+    pieces, lasts = [], []
+    for r, (a, n) in enumerate(zip(starts, sizes)):
+        local, _, _, _ = _packed_plan(cu, sizes, r)
+        o, finals = RL.lightning_attn_varlen(RL.lightning_attn_recurrent, q[:, a:a + n], k[:, a:a + n],
+                                             v[:, a:a + n], slope, local)
+        pieces.append(o)
+        lasts.append(finals[-1])
+    for r, (a, n) in enumerate(zip(starts, sizes)):
+        _, first, carry, exponent = _packed_plan(cu, sizes, r)
+        init = sum((torch.exp(-slope * e)[:, None, None] * lasts[j] for j, (c, e) in enumerate(zip(carry, exponent))
+                    if c), torch.zeros(H, D, D, dtype=torch.float64))
+        t = torch.arange(first, dtype=torch.float64)
+        decay = torch.exp(-slope[None, :] * (t[:, None] + 1))                           # [first, H]
+        pieces[r][0, :first] += torch.einsum("thd,hde->the", q[0, a:a + first] * decay[..., None], init)
+    assert torch.allclose(torch.cat(pieces, dim=1), whole, rtol=1e-12, atol=1e-12)
+
+
+def test_initial_state_correction_gradcheck(monkeypatch):
+    """The correction's hand-written backward (blockwise: blocks of 3 tokens here) against autograd's
+    numerical gradients, in float64, with the correction stopping at `first`."""
+    from m1_kernels.model.parallel import context
+    monkeypatch.setattr(context, "_CORRECTION_BLOCK", 3)
+    g = torch.Generator().manual_seed(3)
+    B, T, H, D, Dv, first = 2, 8, 2, 3, 4, 7
+    o = torch.randn(B, T, H, Dv, generator=g, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(B, T, H, D, generator=g, dtype=torch.float64, requires_grad=True)
+    init = torch.randn(B, H, D, Dv, generator=g, dtype=torch.float64, requires_grad=True)
+    slope = RL.slopes(H, 0, 4)
+    fn = lambda o, q, init: context._InitialStateCorrection.apply(o, q, init, slope, first, 0.5)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (o, q, init))
+    decay = torch.exp(-slope[None, :] * (torch.arange(first, dtype=torch.float64)[:, None] + 1))
+    expected = o.detach().clone()
+    expected[:, :first] += 0.5 * torch.einsum("bthd,bhde->bthe", q.detach()[:, :first] * decay[..., None], init.detach())
+    assert torch.allclose(fn(o, q, init), expected)
 
 
 @pytest.fixture(scope="module")
 def world_4(tmp_path_factory):
-    """The world-size-4 run (its checkpoint feeds the world-size-2 run): every mesh, a 3-D mesh,
-    io="local", EP and CP on their own, safetensors loading, a DCP save on ("dp", "ep")."""
+    """The world-size-4 run (its checkpoint feeds the world-size-2 run): every mesh (("cp",) with 3
+    tokens, ("dp", "ep") in the checkpoint check), a 3-D mesh, io="local", EP and CP on their own,
+    safetensors loading, a DCP save on ("dp", "ep")."""
     folder = str(tmp_path_factory.mktemp("parallel"))
-    spawn(4, [check for check in _model_checks(4) if check[1][0] != ("dp", "ep")] + [
+    spawn(4, [
+        ("check_model", (("dp",), (4,))),
+        ("check_model", (("ep",), (4,))),                                        # a rank with no rows
         ("check_model", (("cp",), (4,), "full", "torch", None, RTOL, 3)),      # a rank with no tokens
+        ("check_model", (("dp", "cp"), (2, 2))),
         ("check_model", (("dp", "ep", "cp"), (1, 2, 2))),
         ("check_model", (("ep", "cp"), (2, 2), "local")),
         ("check_expert_parallel", ()),
@@ -420,14 +484,17 @@ def world_4(tmp_path_factory):
     return folder
 
 
+# One xdist worker runs both (--dist loadgroup): the world-size-4 spawn behind the fixture runs once.
+@pytest.mark.xdist_group("parallel_gloo")
 def test_world_size_4(world_4):
     assert os.path.isdir(os.path.join(world_4, "dcp"))
 
 
+@pytest.mark.xdist_group("parallel_gloo")
 def test_world_size_2(world_4):
     """Every mesh, io="local", bf16 compute, EP and CP on their own, argument checks, safetensors
     loading, and the world-size-4 checkpoint resumed on ("dp", "cp")."""
-    spawn(2, _model_checks(2) + [
+    spawn(2, [("check_model", (names, shape)) for names, shape in _meshes(2)] + [
         ("check_model", (("cp",), (2,), "local")),
         ("check_bf16", (("dp",), (2,))),
         ("check_expert_parallel", ()),

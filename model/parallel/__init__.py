@@ -5,10 +5,10 @@
     model = parallelize(M1ForCausalLM(config), mesh)
 """
 
-from .api import BatchLayout, parallelize, shard_batch
+from .api import parallelize, shard_batch
 from .checkpoint import from_pretrained_parallel, load_sharded, save_sharded
 from .comm import split_sizes
 from .context import lightning_attn_cp
 
-__all__ = ["BatchLayout", "from_pretrained_parallel", "lightning_attn_cp", "load_sharded", "parallelize",
+__all__ = ["from_pretrained_parallel", "lightning_attn_cp", "load_sharded", "parallelize",
            "save_sharded", "shard_batch", "split_sizes"]

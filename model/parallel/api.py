@@ -91,7 +91,9 @@ class _InputHook:
         self.layout, self.io = layout, io
 
     def __call__(self, module, args, kwargs):
-        input_ids, rest = args[0], args[1:]
+        if any(a is not None for a in args[1:]) or any(v is not None for v in kwargs.values()):
+            raise ValueError("the parallel model's M1Model runs full forwards only (no cache, batch or positions)")
+        input_ids = args[0]
         if self.io == "full":
             input_ids = self.layout.shard(input_ids)
             start = sum(self.layout.token_sizes(args[0].shape[1])[:self.layout.cp_rank])
@@ -102,7 +104,7 @@ class _InputHook:
             start = 0
         B, T = input_ids.shape
         positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        return (input_ids, *rest), {**kwargs, "positions": positions}
+        return (input_ids,), {"positions": positions}
 
 
 class _OutputHook:

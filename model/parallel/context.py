@@ -36,24 +36,24 @@ from .comm import all_gather_sizes, gather_varlen, split_sizes
 _CORRECTION_BLOCK = 4096
 
 
-def _decay_powers(slope, t0, t1):
-    """exp(-s_h (t + 1)) for t in [t0, t1): [t1 - t0, H, 1] fp32."""
-    t = torch.arange(t0 + 1, t1 + 1, device=slope.device, dtype=torch.float32)
-    return torch.exp(-slope.float()[None, :, None] * t[:, None, None])
+def _decay_powers(slope, t0, t1, dtype):
+    """exp(-s_h (t + 1)) for t in [t0, t1): [t1 - t0, H, 1]."""
+    t = torch.arange(t0 + 1, t1 + 1, device=slope.device, dtype=dtype)
+    return torch.exp(-slope.to(dtype)[None, :, None] * t[:, None, None])
 
 
 class _InitialStateCorrection(torch.autograd.Function):
     """o[:, t] + scale * exp(-s (t+1)) q[:, t] @ init for t < first (o unchanged after), blockwise in
-    fp32. Saves only q (already kept by the op) and init, not an fp32 copy of q."""
+    init's dtype (the states' fp32). Saves only q (already kept by the op) and init, not a copy of q."""
 
     @staticmethod
     def forward(ctx, o, q, init, slope, first, scale):
         out = o.clone()
         for t0 in range(0, first, _CORRECTION_BLOCK):
             t1 = min(first, t0 + _CORRECTION_BLOCK)
-            qd = q[:, t0:t1].float() * _decay_powers(slope, t0, t1)
+            qd = q[:, t0:t1].to(init.dtype) * _decay_powers(slope, t0, t1, init.dtype)
             corr = torch.einsum("bthd,bhde->bthe", qd, init)
-            out[:, t0:t1] = (o[:, t0:t1].float() + scale * corr).to(o.dtype)
+            out[:, t0:t1] = (o[:, t0:t1].to(init.dtype) + scale * corr).to(o.dtype)
         ctx.save_for_backward(q, init, slope)
         ctx.first, ctx.scale = first, scale
         return out
@@ -65,17 +65,28 @@ class _InitialStateCorrection(torch.autograd.Function):
         dinit = torch.zeros_like(init)
         for t0 in range(0, ctx.first, _CORRECTION_BLOCK):
             t1 = min(ctx.first, t0 + _CORRECTION_BLOCK)
-            decay = _decay_powers(slope, t0, t1)
-            d = dout[:, t0:t1].float()
+            decay = _decay_powers(slope, t0, t1, init.dtype)
+            d = dout[:, t0:t1].to(init.dtype)
             dq[:, t0:t1] = (ctx.scale * decay * torch.einsum("bthe,bhde->bthd", d, init)).to(q.dtype)
-            dinit += ctx.scale * torch.einsum("bthd,bthe->bhde", q[:, t0:t1].float() * decay, d)
+            dinit += ctx.scale * torch.einsum("bthd,bthe->bhde", q[:, t0:t1].to(init.dtype) * decay, d)
         return dout, dq, dinit, None, None, None
+
+
+def _chunk_from_zero(q, k, v, slope, scale, cu_seqlens, backend):
+    """lightning_attn of this chunk from zero states, with its final states; an empty chunk does not
+    reach the kernels (its output is empty and its states zero)."""
+    if q.shape[1] == 0:
+        B, _, H, D = q.shape
+        N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        return v.new_zeros(v.shape), torch.zeros(N, H, D, v.shape[-1], dtype=torch.float32, device=q.device)
+    return lightning_attn(q, k, v, slope, scale=scale, cu_seqlens=cu_seqlens, output_final_state=True,
+                          backend=backend)
 
 
 def _in_backward(state, q, k, v):
     """`state` as the all-gather's input. Whether the all-gather is differentiated must agree across
-    ranks (its backward is a collective): a chunk with no tokens has a final state without history,
-    so it joins the graph as a leaf whenever the inputs ask for gradients."""
+    ranks (its backward is a collective): an empty chunk's final state has no history, so it joins
+    the graph as a leaf whenever the inputs ask for gradients."""
     if torch.is_grad_enabled() and not state.requires_grad and any(t.requires_grad for t in (q, k, v)):
         return state.detach().requires_grad_()
     return state
@@ -130,7 +141,7 @@ def lightning_attn_cp(q, k, v, slope, group, *, scale=1.0, cu_seqlens=None, chun
     if cu_seqlens is None:
         if chunk_sizes is not None:
             raise ValueError("chunk_sizes goes with cu_seqlens (without it the lengths travel with the states)")
-        o, final = lightning_attn(q, k, v, slope, scale=scale, output_final_state=True, backend=backend)
+        o, final = _chunk_from_zero(q, k, v, slope, scale, None, backend)
         packed = torch.cat([_in_backward(final, q, k, v).flatten(), final.new_full((1,), float(T))])
         gathered = gather_varlen(packed[None], 0, [1] * world, group)           # [world, n + 1]
         states = gathered[:, :-1].view(world, *final.shape)
@@ -152,8 +163,7 @@ def lightning_attn_cp(q, k, v, slope, group, *, scale=1.0, cu_seqlens=None, chun
                              f"packed length {cu[-1]}, this rank's being q.shape[1] = {T}")
         local, first, carry, exponent = _packed_plan(cu, sizes, rank)
         local = torch.tensor(local, dtype=cu_seqlens.dtype, device=q.device)
-        o, finals = lightning_attn(q, k, v, slope, scale=scale, cu_seqlens=local, output_final_state=True,
-                                   backend=backend)
+        o, finals = _chunk_from_zero(q, k, v, slope, scale, local, backend)
         last = _in_backward(finals[-1:], q, k, v)      # the piece that may run on into the next chunk
         states = gather_varlen(last[None], 0, [1] * world, group)                # [world, 1, H, D, Dv]
         carry = torch.tensor(carry, device=q.device)
