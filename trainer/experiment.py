@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import random
 import statistics
+import tempfile
 import time
 
 import torch
@@ -166,7 +167,10 @@ def plot(summary, runs, path, title):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m m1_kernels.trainer.experiment", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder for the JSON, the plot and the runs")
+    parser.add_argument("--out", required=True, help="folder for the JSON and the plot")
+    parser.add_argument("--runs", default=None,
+                        help="folder for the warm-up checkpoint and each run's metrics and checkpoint "
+                             "(default: a new temporary folder; the JSON holds every run's metrics anyway)")
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny model, 4 prompts x 4 samples, 3 steps per run, 1 seed (a CPU check)")
     parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default 40, smoke 3)")
@@ -185,10 +189,11 @@ def main(argv=None):
     from m1_kernels.bench.harness import device_name
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
-    runs_dir = os.path.join(args.out, "cispo-runs")
+    runs_dir = args.runs or tempfile.mkdtemp(prefix="cispo-runs-")
     checkpoint = os.path.join(runs_dir, "warmup")
     t0 = time.perf_counter()
-    print(f"warm-up: at most {warmup_steps} steps, until sampled accuracy {args.warmup_target}", flush=True)
+    print(f"runs in {runs_dir}; warm-up: at most {warmup_steps} steps, until sampled accuracy "
+          f"{args.warmup_target}", flush=True)
     settings = {**COMMON, **(SMOKE if args.smoke else {})}
     warm = warm_up(checkpoint, device, model, settings["task_options"], warmup_steps, args.warmup_target)
     print(f"warm-up: {warm['steps']} steps, sampled accuracy {warm['accuracy'][-1][1]:.3f}, "
