@@ -201,3 +201,33 @@ def test_bad_tensors():
         group_advantages(torch.ones(3, 2), std="unbiased")
     with pytest.raises(ValueError, match="buffer"):
         overlong_penalty([1], max_tokens=4, buffer=5)
+
+
+def _data_parallel_worker(rank, world, init_file, out_file):
+    import torch.distributed as dist
+
+    from m1_kernels.trainer.loss import global_count
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    logprobs, old, adv, mask = batch()
+    rows = slice(rank, rank + 1)            # rank r holds response r
+    n_tokens = global_count(mask[rows].sum().item())
+    loss, _ = policy_loss(logprobs[rows], old[rows], adv[rows], mask[rows], method="cispo", num_tokens=n_tokens)
+    (grad,) = torch.autograd.grad(loss * world, logprobs)   # the trainer's loss scale
+    dist.all_reduce(grad)
+    grad /= world                           # what DDP / FSDP2 reduction does: the mean over ranks
+    torch.save({"tokens": n_tokens, "grad": grad}, f"{out_file}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_data_parallel_counts_give_the_single_process_gradient(tmp_path):
+    """Two gloo ranks with one response each: token counts summed over ranks, the loss scaled by the world
+    size and the gradients averaged give the gradient of one process holding both responses."""
+    import torch.multiprocessing as mp
+    mp.spawn(_data_parallel_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
+    logprobs, old, adv, mask = batch()
+    loss, _ = policy_loss(logprobs, old, adv, mask, method="cispo")
+    (want,) = torch.autograd.grad(loss, logprobs)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"out.{rank}")
+        assert got["tokens"] == 5
+        torch.testing.assert_close(got["grad"], want)
