@@ -21,17 +21,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch.distributed.device_mesh import init_device_mesh
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from m1_kernels.lightning_ops import lightning_attn, slopes
-from m1_kernels.model import M1Config, M1ForCausalLM
-from m1_kernels.model.parallel import (from_pretrained_parallel, lightning_attn_cp, load_sharded, parallelize,
-                                       save_sharded, shard_batch, split_sizes)
+from m1_kernels.model import M1Config, M1ForCausalLM, parallelize
+from m1_kernels.model.parallel import (from_pretrained_parallel, lightning_attn_cp, load_sharded, save_sharded,
+                                       shard_batch, split_sizes)
 from m1_kernels.model.parallel.expert import ExpertParallelMoE
-from m1_kernels.moe_ops import SparseMoE, permute, route
+from m1_kernels.moe_ops import SparseMoE, route
 from m1_kernels.reference import lightning as RL
 
 SPAWN_TIMEOUT_S = int(os.environ.get("M1_PARALLEL_TIMEOUT", "300"))
@@ -89,7 +89,8 @@ def assert_close(what, out, ref, rtol=RTOL):
     assert torch.isfinite(out).all(), f"{what}: non-finite values"
     scale = ref.abs().max().item() if ref.numel() else 0.0
     err = (out - ref).abs().max().item() if ref.numel() else 0.0
-    assert err <= rtol * max(scale, 1e-30), f"{what}: max error {err:.3e} > {rtol:.0e} x {scale:.3e} (rank {dist.get_rank()})"
+    assert err <= rtol * max(scale, 1e-30), \
+        f"{what}: max error {err:.3e} > {rtol:.0e} x {scale:.3e} (rank {dist.get_rank()})"
 
 
 def _mesh(names, shape):
@@ -459,7 +460,8 @@ def test_initial_state_correction_gradcheck(monkeypatch):
     assert torch.autograd.gradcheck(fn, (o, q, init))
     decay = torch.exp(-slope[None, :] * (torch.arange(first, dtype=torch.float64)[:, None] + 1))
     expected = o.detach().clone()
-    expected[:, :first] += 0.5 * torch.einsum("bthd,bhde->bthe", q.detach()[:, :first] * decay[..., None], init.detach())
+    qd = q.detach()[:, :first] * decay[..., None]
+    expected[:, :first] += 0.5 * torch.einsum("bthd,bhde->bthe", qd, init.detach())
     assert torch.allclose(fn(o, q, init), expected)
 
 
@@ -513,8 +515,8 @@ GPU_RTOL = 1e-4     # the EP path runs the expert MLP as two grouped GEMMs, the 
 
 @pytest.mark.gpu
 def test_nccl_matches_plain_model():
-    """The same checks over NCCL with the default GPU backends, on M1_PARALLEL_WORLD GPUs (default 1:
-    every mesh dim of size 1, so every code path runs with one rank)."""
+    """The same checks over NCCL with the default GPU backends, on M1_PARALLEL_WORLD GPUs (1, 2, 4 or 8;
+    default 1: every mesh dim of size 1, so every code path runs with one rank)."""
     world = int(os.environ.get("M1_PARALLEL_WORLD", "1"))
     if world > torch.cuda.device_count():
         pytest.fail(f"M1_PARALLEL_WORLD={world} but {torch.cuda.device_count()} GPUs are visible")
