@@ -17,6 +17,7 @@ _LAZY = {
     "RequestOutput": "engine",
     "CompletionOutput": "engine",
     "SamplingParams": "sampling",
+    "parallelize": "parallel",
 }
 
 __all__ = ["M1Config", *_LAZY]

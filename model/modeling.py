@@ -84,7 +84,7 @@ class SoftmaxAttention(nn.Module):
         if cache is None:
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                is_causal=True, enable_gqa=True)
-            return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+            return self.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))  # B may be 0
         k_pages, v_pages = cache.keys[self.layer_idx], cache.values[self.layer_idx]
         write_kv(k[0], v[0], k_pages, v_pages, batch.slot_mapping, backend=self.backend)
         scale = self.head_dim ** -0.5
@@ -145,12 +145,13 @@ class M1Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i, backend) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids, cache=None, batch=None):
+    def forward(self, input_ids, cache=None, batch=None, positions=None):
         """Final hidden states: of input_ids [B, T] without a cache, of the packed tokens [T] of a StepBatch
-        (shape [T, hidden]) with one."""
+        (shape [T, hidden]) with one. positions: [B, T] RoPE positions of an uncached forward (default
+        0..T-1; a context-parallel rank passes its chunk's global positions)."""
         if cache is not None:
             input_ids, positions = input_ids[None], batch.positions[None]
-        else:
+        elif positions is None:
             B, T = input_ids.shape
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
