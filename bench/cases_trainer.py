@@ -3,6 +3,10 @@
 and weight), FLOPs counted as 6 N H V (the harness's floor is then the time at the bf16 matmul rate measured
 in the run, so "of floor" is the fraction of that rate).
 
+Ours twice: as shipped (each K tile's 16-bit products summed in a fresh accumulator, then added in fp32: as
+accurate as the engine's head) and with trainer.triton_logprobs.RUNNING_ACCUMULATOR (the products accumulate in
+place, faster, with 2.5-6x the fp32 matmul's rounding error on Hopper): the trade-off measured in one run.
+
 Peers: the fp32 head in plain PyTorch (the M1 report's fix: hidden and weight converted to fp32, [N, V] fp32
 logits, log_softmax) and the bf16 head in plain PyTorch (bf16 logits, log_softmax in fp32). The fp32 head is
 not run at 32768 tokens: about 4.6 s per call (nine calls in the timing loop) and about 90 GB.
@@ -22,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from m1_kernels.trainer import fused_logprobs
+from m1_kernels.trainer.logprobs import triton_logprobs
 
 from .harness import Case
 
@@ -67,10 +72,16 @@ def _plain_head(dtype):
     return forward
 
 
-def _fwd_bwd(forward):
+def _fwd_bwd(forward, running_accumulator=False):
     def call(x):
-        logp = forward(x)
-        grads = torch.autograd.grad(logp, [x["hidden"], x["weight"]], x["grad"])
+        if running_accumulator:
+            triton_logprobs.RUNNING_ACCUMULATOR = True
+        try:
+            logp = forward(x)
+            grads = torch.autograd.grad(logp, [x["hidden"], x["weight"]], x["grad"])
+        finally:
+            if running_accumulator:
+                triton_logprobs.RUNNING_ACCUMULATOR = False
         return logp, grads
     return call
 
@@ -84,11 +95,15 @@ def _inputs(N, H, V, device, dtype):
             "grad": torch.randn(N, device=device, dtype=torch.float32, generator=g) / N}
 
 
-def _forwards(device, N):
+def _calls(device, N):
+    """label -> forward + backward of every implementation run at N tokens."""
     ours = "triton" if device.type == "cuda" else "torch"
-    impls = {f"ours[{ours}]": _ours(ours), "bf16 head (torch)": _plain_head(torch.bfloat16)}
+    impls = {f"ours[{ours}]": _fwd_bwd(_ours(ours))}
+    if device.type == "cuda":
+        impls["ours[triton] running acc"] = _fwd_bwd(_ours("triton"), running_accumulator=True)
+    impls["bf16 head (torch)"] = _fwd_bwd(_plain_head(torch.bfloat16))
     if device.type != "cuda" or N <= 8192:
-        impls["fp32 head (torch)"] = _plain_head(torch.float32)
+        impls["fp32 head (torch)"] = _fwd_bwd(_plain_head(torch.float32))
     return impls
 
 
@@ -102,7 +117,7 @@ def logprobs_case(device, N, H, V):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return Case(GROUP, f"fwd+bwd N{N} H{H} V{V} {str(dtype).removeprefix('torch.')}",
                 lambda: _inputs(N, H, V, device, dtype),
-                {label: _fwd_bwd(fwd) for label, fwd in _forwards(device, N).items()},
+                _calls(device, N),
                 flops=6.0 * N * H * V, max_sets=1, params=dict(N=N, H=H, V=V))
 
 
@@ -135,7 +150,7 @@ def report(rows, device, stem) -> list[str]:
         return []
     print(f"\ntrainer LM-head log-probs, forward + backward: extra memory and log-prob error against float64 "
           f"({ERROR_ROWS} rows)")
-    print(f"{'case':<40} {'impl':<22} {'ms':>9} {'TFLOP/s':>8} {'of bf16 mm':>10} {'extra GiB':>10} {'max err':>9}")
+    print(f"{'case':<40} {'impl':<26} {'ms':>9} {'TFLOP/s':>8} {'of bf16 mm':>10} {'extra GiB':>10} {'max err':>9}")
     for name in dict.fromkeys(r["case"] for r in timed):
         params = next(r["params"] for r in timed if r["case"] == name)
         N, H, V = params["N"], params["H"], params["V"]
@@ -143,15 +158,15 @@ def report(rows, device, stem) -> list[str]:
         x = _inputs(N, H, V, device, dtype)
         rows_idx = torch.linspace(0, N - 1, min(ERROR_ROWS, N), device=device).long()
         ref, _ = logprobs_fp64(x["hidden"].detach(), x["weight"].detach(), x["targets"], rows_idx)
-        for label, fwd in _forwards(device, N).items():
+        for label, call in _calls(device, N).items():
             row = next((r for r in timed if r["case"] == name and r["impl"] == label), None)
             if row is None:
                 continue
-            extra, logp = _measure(_fwd_bwd(fwd), x, device)
+            extra, logp = _measure(call, x, device)
             err = (logp[rows_idx].double() - ref).abs().max().item()
             row.update(extra_mem_GiB=None if extra is None else extra / 2**30, max_logp_error=err)
             fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-            print(f"{name[:40]:<40} {label:<22} {row['median_ms']:>9.2f} {fmt(row.get('TFLOPs'), '8.1f'):>8} "
+            print(f"{name[:40]:<40} {label:<26} {row['median_ms']:>9.2f} {fmt(row.get('TFLOPs'), '8.1f'):>8} "
                   f"{fmt(row.get('fraction_of_floor'), '10.3f'):>10} {fmt(row['extra_mem_GiB'], '10.2f'):>10} "
                   f"{err:>9.1e}")
             del logp

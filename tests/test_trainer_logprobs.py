@@ -97,6 +97,14 @@ def test_values_and_gradients_against_float64(backend, dtypes, N, H, V, seed):
     check_against_float64(backend, N, H, V, *dtypes, seed)
 
 
+def test_running_accumulator_knob():
+    """The bench's variant of the logits kernels (16-bit products accumulated in place) against float64."""
+    require_backend("triton", NAMES)
+    dtype = torch.float16 if DEVICE.type == "cpu" else torch.bfloat16
+    with mock.patch.object(triton_logprobs, "RUNNING_ACCUMULATOR", True):
+        check_against_float64("triton", 37, 40, 100, dtype, dtype, 5)
+
+
 @pytest.mark.parametrize("backend", NAMES)
 def test_entropy_is_optional_and_unused_entropy_adds_no_gradient(backend):
     require_backend(backend, NAMES)

@@ -7,7 +7,12 @@ rounding beyond fp32 accumulation. An fp32 hidden state is split into pieces of 
 2 for fp16: m1_kernels.model.lm_head's `split_dot` and `PIECES`, measured there), each multiplied with the same
 weight tile into one fp32 accumulator. An fp32 weight runs fp32 dots ("ieee"). (lm_head's fp16 row scaling is
 not applied: an fp32 hidden with an fp16 weight must stay within fp16's range, as hidden states after RMSNorm
-do.)
+do.) `split_dot` also sums each K tile's products in a fresh accumulator before adding them to the running
+fp32 sum: Hopper's tensor cores drop the product bits below the running accumulator's exponent, which over
+K = 6144 costs 2.5-6x the fp32 matmul's error (lm_head's measurement). That keeps the logits as accurate as
+the engine's; RUNNING_ACCUMULATOR = True (a knob for the bench, which times both) lets the logits kernels
+accumulate 16-bit products in place instead. The gradient GEMMs always do: their operand dz is already
+rounded to 16 bits.
 
 Forward (one launch, then a small combine in torch): program (row block, column group) computes logits tiles
 [BLOCK_N, BLOCK_V] over its COLUMNS_PER_PROGRAM columns, keeping an online max m, sum s = sum exp(z - m) and
@@ -47,6 +52,8 @@ COLUMNS_PER_PROGRAM = 64 if INTERPRETED else 2048
 COLUMN_ALIGN, ROW_ALIGN = (32, 16) if INTERPRETED else (256, 128)
 # Below this many multiply-adds a call takes microseconds: one config, no autotuning (the tests draw many shapes).
 TUNE_MIN_MACS = 1 << 32
+# See the module docstring: False = split_dot's per-tile accumulators in the logits kernels.
+RUNNING_ACCUMULATOR = False
 
 
 def _config(m, n, k, warps, stages):
@@ -81,7 +88,8 @@ def _grouped_pid(pid, num_a, num_b, GROUP: tl.constexpr):
 
 @triton.jit
 def _logits_tile(h_ptr, w_ptr, rows, cols, H, stride_hn, stride_wv, PIECES: tl.constexpr, EVEN_K: tl.constexpr,
-                 FP32_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+                 FP32_DOT: tl.constexpr, RUNNING_ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
     """fp32 logits h[rows] @ w[cols]^T ([BLOCK_N, BLOCK_V]); rows and cols must be in bounds."""
     ks = tl.arange(0, BLOCK_K)
     h_ptrs = h_ptr + rows[:, None] * stride_hn + ks[None, :]
@@ -97,7 +105,9 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, H, stride_hn, stride_wv, PIECES: tl.c
             w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
         if FP32_DOT:
             acc = tl.dot(h, w, acc, input_precision="ieee")
-        else:  # 16-bit w: h in PIECES pieces of w's dtype, each product exact in the fp32 accumulator
+        elif RUNNING_ACC and PIECES == 1:
+            acc = tl.dot(h, w, acc)
+        else:  # 16-bit w: h in PIECES pieces of w's dtype, each product exact in fp32
             acc = split_dot(h, w, acc, PIECES)
         h_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -111,7 +121,7 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, H, stride_hn, stride_wv, PIECES: tl.c
 @triton.jit
 def _forward_kernel(h_ptr, w_ptr, tgt_ptr, part_m_ptr, part_s_ptr, part_t_ptr, zt_ptr, N, V_TOTAL, K,
                     stride_hn, stride_wv, N_BUCKET, K_BUCKET, WITH_ENTROPY: tl.constexpr, PIECES: tl.constexpr,
-                    FP32_DOT: tl.constexpr, COLUMNS: tl.constexpr, EVEN_K: tl.constexpr,
+                    FP32_DOT: tl.constexpr, RUNNING_ACC: tl.constexpr, COLUMNS: tl.constexpr, EVEN_K: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
     """Partial (m, s, t) of rows block x COLUMNS columns into part_*[group, row]; the target logit into zt."""
     V = V_TOTAL
@@ -132,7 +142,7 @@ def _forward_kernel(h_ptr, w_ptr, tgt_ptr, part_m_ptr, part_s_ptr, part_t_ptr, z
         cols = first_col + j * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < V
         acc = _logits_tile(h_ptr, w_ptr, rows_in, cols % V, K, stride_hn, stride_wv, PIECES, EVEN_K, FP32_DOT,
-                           BLOCK_N, BLOCK_V, BLOCK_K)
+                           RUNNING_ACC, BLOCK_N, BLOCK_V, BLOCK_K)
         z = tl.where(col_ok[None, :], acc, float("-inf"))
         new_m = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - new_m)
@@ -159,6 +169,7 @@ def _forward_kernel(h_ptr, w_ptr, tgt_ptr, part_m_ptr, part_s_ptr, part_t_ptr, z
 def _dlogits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, dz_ptr, N, V_TOTAL, K,
                     col_start, cols_here, stride_hn, stride_wv, stride_dz, N_BUCKET, K_BUCKET,
                     WITH_ENTROPY_GRAD: tl.constexpr, PIECES: tl.constexpr, FP32_DOT: tl.constexpr,
+                    RUNNING_ACC: tl.constexpr,
                     EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                     GROUP: tl.constexpr):
     """dz[:, 0:cols_here] for logits columns col_start + (0:cols_here), recomputed tile by tile."""
@@ -167,7 +178,7 @@ def _dlogits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_p
     local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     rows_in = rows % N
     cols = col_start + local % cols_here
-    z = _logits_tile(h_ptr, w_ptr, rows_in, cols, K, stride_hn, stride_wv, PIECES, EVEN_K, FP32_DOT,
+    z = _logits_tile(h_ptr, w_ptr, rows_in, cols, K, stride_hn, stride_wv, PIECES, EVEN_K, FP32_DOT, RUNNING_ACC,
                      BLOCK_N, BLOCK_V, BLOCK_K)
     lse = tl.load(lse_ptr + rows_in)
     g = tl.load(g_logp_ptr + rows_in)
@@ -211,6 +222,8 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, V_TOTAL, K, stride_am, stride_ak, str
             b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
         if FP32_DOT:
             acc = tl.dot(a, b, acc, input_precision="ieee")
+        elif PIECES == 1:
+            acc = tl.dot(a, b, acc)
         else:
             acc = split_dot(a, b, acc, PIECES)
         a_ptrs += BLOCK_K * stride_ak
@@ -254,7 +267,7 @@ def forward(hidden, weight, targets, with_entropy):
     _forward_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * groups,)](
         hidden, weight, targets, part_m, part_s, part_t, z_target, N, V, H, hidden.stride(0), weight.stride(0),
         _bucket(N), _bucket(H), WITH_ENTROPY=with_entropy, PIECES=_pieces(hidden.dtype, weight.dtype),
-        FP32_DOT=weight.dtype == torch.float32, COLUMNS=COLUMNS_PER_PROGRAM)
+        FP32_DOT=weight.dtype == torch.float32, RUNNING_ACC=RUNNING_ACCUMULATOR, COLUMNS=COLUMNS_PER_PROGRAM)
     top = part_m.max(dim=0).values
     scale = torch.exp(part_m - top)
     total = (part_s * scale).sum(dim=0)
@@ -304,7 +317,8 @@ def backward(grad_logp, grad_entropy, hidden, weight, targets, lse, entropy, nee
                 h_rows, weight, targets[r0:r1], lse[r0:r1], entropy[r0:r1] if with_ent else lse,
                 grad_logp[r0:r1], grad_entropy[r0:r1] if with_ent else grad_logp, dz, n, V, H, c0, cols,
                 h_rows.stride(0), weight.stride(0), dz.stride(0), _bucket(n), _bucket(H), WITH_ENTROPY_GRAD=with_ent,
-                PIECES=_pieces(hidden.dtype, weight.dtype), FP32_DOT=weight.dtype == torch.float32)
+                PIECES=_pieces(hidden.dtype, weight.dtype), FP32_DOT=weight.dtype == torch.float32,
+                RUNNING_ACC=RUNNING_ACCUMULATOR)
             dz_c = dz[:, :cols]
             if need_dh:
                 _matmul(dz_c, weight[c0:c0 + cols], acc, accumulate=True)
