@@ -1,11 +1,21 @@
 """The CISPO trainer (docs/trainer.md): the policy-loss family, fp32-accurate fused log-probs, group advantages,
 and the RL loop on the engine (`python -m m1_kernels.trainer --config FILE`).
 
-`policy_loss`, `group_advantages` and `fused_logprobs` import without the model; the loop's names import it
-on first use.
+`policy_loss`, `group_advantages`, `overlong_penalty` and `fused_logprobs` import without the model; the
+loop's names (`Trainer`, `TrainerConfig`, `make_task`, `supervised_warmup`) import on first use.
 """
 
 from .logprobs import fused_logprobs
 from .loss import group_advantages, overlong_penalty, policy_loss
 
-__all__ = ["policy_loss", "group_advantages", "overlong_penalty", "fused_logprobs"]
+# name -> submodule that defines it, imported on first access
+_LAZY = {"Trainer": "loop", "TrainerConfig": "config", "make_task": "tasks", "supervised_warmup": "warmup"}
+
+__all__ = ["policy_loss", "group_advantages", "overlong_penalty", "fused_logprobs", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
