@@ -35,6 +35,7 @@ if triton_interpreted():
     patch_triton_interpreter()
 
 TORCH_CHUNK_BYTES = 256 << 20   # fp32 weight rows the torch path converts at a time
+_OPAQUE_ADD = tl.constexpr(not triton_interpreted())   # split_dot's inline PTX does not interpret
 
 # Pieces of the activation, by (activation dtype, weight dtype); see the module docstring.
 PIECES = {(torch.float32, torch.bfloat16): 3, (torch.float16, torch.bfloat16): 2,
@@ -66,6 +67,10 @@ def split_dot(x, w, acc, PIECES: tl.constexpr):
         else:
             lo = (rest - mid.to(tl.float32)).to(w.dtype)
             part = tl.dot(hi, w, tl.dot(mid, w, tl.dot(lo, w)))
+    if _OPAQUE_ADD:
+        # Triton's combiner folds `acc + dot(a, b)` back into `dot(a, b, acc)`; an identity move hides it.
+        part = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [part], dtype=tl.float32, is_pure=True,
+                                         pack=1)
     return acc + part
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from m1_kernels import lightning_ops
+from m1_kernels.lightning_ops import cuda_backend
 from m1_kernels.extension import cuda_extension
 from m1_kernels.reference import lightning as RL
 

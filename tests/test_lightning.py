@@ -438,9 +438,9 @@ def test_default_backend_skips_kernels_that_cannot_take_the_arguments(monkeypatc
     assert resolve_backend("op", None, rows, cuda, head_dim=8) is rows[1]
     with pytest.raises(ValueError, match="op: no op kernel for D=8"):
         resolve_backend("op", "triton", rows, cuda, head_dim=8)
-    q, k, v = (torch.randn(1, 3, 2, 8) for _ in range(3))
+    q, k, v = (torch.randn(1, 3, 2, 8, device=DEVICE) for _ in range(3))
     with pytest.raises(ValueError, match="triton backend takes head dims"):
-        lightning_ops.lightning_attn(q, k, v, lightning_ops.slopes(2, 0, 80), backend="triton")
+        lightning_ops.lightning_attn(q, k, v, lightning_ops.slopes(2, 0, 80, device=DEVICE), backend="triton")
 
 
 def test_backend_table_declares_borrowing_and_limits():

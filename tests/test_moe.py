@@ -394,8 +394,10 @@ def test_torch_compile(backend):
     (g_c,) = torch.autograd.grad(out_c.sum(), x)
     out_e = f(x)
     (g_e,) = torch.autograd.grad(out_e.sum(), x)
-    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-5)
+    # bf16 (cuda): inductor fuses the routing backward's elementwise math in another order
+    tol = dict(rtol=2e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_c, out_e, **tol)
+    torch.testing.assert_close(g_c, g_e, **tol)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ def all_gather_sizes(n: int, group, device) -> list[int]:
     """Every rank's `n`, in group rank order (one tiny all-gather; a host sync on GPUs)."""
     mine = torch.tensor([n], dtype=torch.int64, device=device)
     out = torch.empty(dist.get_world_size(group), dtype=torch.int64, device=device)
-    dist.all_gather_single(out, mine, group=group)
+    dist.all_gather_into_tensor(out, mine, group=group)
     return out.tolist()
 
 
@@ -42,7 +42,7 @@ def gather_varlen(x, dim: int, sizes: list[int], group):
     """Concatenate every rank's `x` along `dim` (rank r contributes sizes[r] entries); differentiable,
     the backward reduce-scatters the gradient, so each rank gets the sum of all uses of its slice."""
     moved = _pad_front_dim(x.movedim(dim, 0), max(sizes))
-    gathered = funcol.all_gather_single(moved, 0, group)
+    gathered = funcol.all_gather_tensor_autograd(moved, 0, group)
     return _unpad_cat(gathered, sizes).movedim(0, dim)
 
 
@@ -54,7 +54,7 @@ class _GatherReplicated(torch.autograd.Function):
     def forward(ctx, x, dim, sizes, group):
         moved = _pad_front_dim(x.movedim(dim, 0), max(sizes))
         out = moved.new_empty(len(sizes) * moved.shape[0], *moved.shape[1:])
-        dist.all_gather_single(out, moved, group=group)
+        dist.all_gather_into_tensor(out, moved, group=group)
         rank = dist.get_rank(group)
         ctx.dim, ctx.start, ctx.size = dim, sum(sizes[:rank]), sizes[rank]
         return _unpad_cat(out, sizes).movedim(0, dim)

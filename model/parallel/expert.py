@@ -103,9 +103,9 @@ class ExpertParallelMoE(SparseMoE):
             received = funcol.all_to_all_single(counts, None, None, self.ep_group).view(ep, E // ep)
             send, recv = torch.stack([counts.view(ep, -1).sum(1), received.sum(1)]).tolist()
             order, local_offsets = _expert_major(received, sum(recv))
-        x_recv = funcol.all_to_all_single(x_sorted, recv, send, self.ep_group)
+        x_recv = funcol.all_to_all_single_autograd(x_sorted, recv, send, self.ep_group)
         x_local = x_recv[order]
         y_local = self.experts(x_local, local_offsets)
         y_recv = y_local[torch.argsort(order)]
-        y_sorted = funcol.all_to_all_single(y_recv, send, recv, self.ep_group)
+        y_sorted = funcol.all_to_all_single_autograd(y_recv, send, recv, self.ep_group)
         return unpermute(y_sorted, sorted_idx, weights, backend=self.backend).view(shape)
