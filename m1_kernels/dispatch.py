@@ -164,3 +164,22 @@ def backend_table_markdown(title: str, backends, op_backends: Mapping[str, Seque
         lines += ["", "Default order (the first that can run the call is used): " + "; ".join(
             f"`{op}`: " + " > ".join(f"`{b.name}`" for b in rows) for op, rows in op_backends.items()) + "."]
     return "\n".join(lines)
+
+
+@functools.cache
+def _rows_by_name(backends: tuple) -> dict:
+    return {b.name: b for b in backends}
+
+
+def part_impl(backends, name: str, part: str | None = None):
+    """The module that runs `part` of backend `name` in a family's table: its own, unless its row says
+    it borrows that part from another backend."""
+    rows = _rows_by_name(tuple(backends))
+    row = rows[name]
+    return rows[row.borrows.get(part, row.name)].impl
+
+
+def run_backend(row: Backend, custom_op, body, *args):
+    """Kernel backends run inside the op's torch.library custom op; plain-PyTorch backends run its body
+    directly (autograd and torch.compile trace through them)."""
+    return (custom_op if row.custom_ops else body)(*args, row.name)

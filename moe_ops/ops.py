@@ -18,26 +18,15 @@ from typing import Optional
 
 import torch
 
-from m1_kernels.dispatch import resolve_backend
+from m1_kernels.dispatch import part_impl, resolve_backend, run_backend as _run
 from m1_kernels.validate import FLOAT_DTYPES, check_shape, check_tensor
 
 from .backends import BACKENDS, MAX_EXPERTS, MAX_TOP_K, OP_BACKENDS
 
 WEIGHT_LAYOUTS = ("nk", "kn")
 
-_BY_NAME = {b.name: b for b in BACKENDS}
-
-
 def _impl(backend: str, part: Optional[str] = None):
-    """The module that runs `part` of `backend`: its own, unless the table says it borrows that part."""
-    row = _BY_NAME[backend]
-    return _BY_NAME[row.borrows.get(part, row.name)].impl
-
-
-def _run(row, custom_op, body, *args):
-    """Kernel backends run inside the op's torch.library custom op; plain-PyTorch backends run its body
-    directly (autograd and torch.compile trace through them)."""
-    return (custom_op if row.custom_ops else body)(*args, row.name)
+    return part_impl(BACKENDS, backend, part)
 
 
 def _flip(layout: str) -> str:
