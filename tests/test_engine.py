@@ -222,6 +222,23 @@ def test_triton_kernels_under_the_interpreter(model):
         np.testing.assert_allclose([c.logprobs for c in a.outputs], [c.logprobs for c in b.outputs], atol=1e-4)
 
 
+def test_decode_step_ops_do_not_grow_with_the_batch(model):
+    """The decode forward (the body of a CUDA graph) runs the same ops at every batch size: nothing loops
+    over rows (a per-row op would make a step's time grow by a launch sequence per row)."""
+    from torch.profiler import ProfilerActivity, profile
+    engine = small_engine(model)
+    counts = []
+    for b in (1, 8):
+        engine._dec_slot[:b] = torch.arange(b)
+        engine._dec_pos[:b] = 3                                   # token 3: each slot's first page, its own
+        engine.cache.block_tables[:b, 0] = torch.arange(b, dtype=torch.int32)
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            engine._decode_forward(b)
+        counts.append({e.key: e.count for e in prof.key_averages() if not e.key.startswith(
+            ("aten::as_strided", "aten::view", "aten::to", "aten::copy_", "aten::fill_", "aten::resolve"))})
+    assert counts[0] == counts[1]
+
+
 # ------------------------------------------------------------------------------------------------------
 # Stops, limits, waiting for memory
 
