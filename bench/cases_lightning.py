@@ -9,8 +9,13 @@ import torch
 from m1_kernels import lightning_ops
 from m1_kernels.dispatch import available_backends
 from m1_kernels.lightning_ops.backends import OP_BACKENDS
+from m1_kernels.model.config import M1Config
 
 from .harness import Case
+
+M1 = M1Config.preset("minimax-m1")
+H, D, LAYERS = M1.num_attention_heads, M1.head_dim, M1.num_hidden_layers
+H_TP8 = H // 8   # one GPU's heads under 8-way tensor parallelism
 
 
 def _fla():
@@ -62,7 +67,7 @@ def _prefill_case(device, name, B, T, H, D, dtype, backward, slope, cu_seqlens, 
 def prefill_cases(device, B, H, D, T, dtype, backward=False, layer=0, torch_peer=True):
     mode = "fwd+bwd" if backward else "fwd"
     name = f"{mode} B{B} H{H} D{D} T{T} {str(dtype).removeprefix('torch.')}"
-    slope = lightning_ops.slopes(H, layer, 80, device=device)
+    slope = lightning_ops.slopes(H, layer, LAYERS, device=device)
     return _prefill_case(device, name, B, T, H, D, dtype, backward, slope, None, torch_peer, dict(B=B))
 
 
@@ -70,14 +75,14 @@ def varlen_case(device, H, D, lengths, dtype=torch.bfloat16, backward=False):
     """A pack of sequences of mixed lengths (empty and length-1 included), one state each."""
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
     T = int(sum(lengths))
-    slope = lightning_ops.slopes(H, 0, 80, device=device)
+    slope = lightning_ops.slopes(H, 0, LAYERS, device=device)
     mode = "fwd+bwd" if backward else "fwd"
     name = f"varlen {mode} N{len(lengths)} H{H} D{D} T{T} {str(dtype).removeprefix('torch.')}"
     return _prefill_case(device, name, 1, T, H, D, dtype, backward, slope, cu, True, dict(lengths=list(lengths)))
 
 
 def decode_case(device, B, H, D, dtype=torch.bfloat16):
-    slope = lightning_ops.slopes(H, 0, 80, device=device)
+    slope = lightning_ops.slopes(H, 0, LAYERS, device=device)
 
     def make():
         q, k, v = (torch.randn(B, H, D, device=device, dtype=dtype) for _ in range(3))
@@ -107,12 +112,12 @@ def cases(device):
                 prefill_cases(device, 1, 4, 64, 512, torch.float32, backward=True),
                 varlen_case(device, 4, 64, [200, 0, 1, 311], torch.float32),
                 decode_case(device, 8, 4, 64, torch.float32)]
-    out = [prefill_cases(device, 1, 64, 128, T, torch.bfloat16, torch_peer=T <= 32768) for T in (8192, 32768)]
-    out += [prefill_cases(device, 1, 64, 128, T, torch.bfloat16, backward=True, torch_peer=False) for T in (8192, 32768)]
-    # Tensor-parallel shard (8 of 64 heads), long contexts: memory must stay linear (rows record peak_mem_GiB).
-    out += [prefill_cases(device, 1, 8, 128, T, torch.bfloat16, backward=bwd, torch_peer=T <= 131072 and not bwd)
+    out = [prefill_cases(device, 1, H, D, T, torch.bfloat16, torch_peer=T <= 32768) for T in (8192, 32768)]
+    out += [prefill_cases(device, 1, H, D, T, torch.bfloat16, backward=True, torch_peer=False) for T in (8192, 32768)]
+    # Tensor-parallel shard, long contexts: memory must stay linear (rows record peak_mem_GiB).
+    out += [prefill_cases(device, 1, H_TP8, D, T, torch.bfloat16, backward=bwd, torch_peer=T <= 131072 and not bwd)
             for T in (131072, 1 << 20) for bwd in (False, True)]
     pack = [8192, 1, 0, 3000, 12000, 64, 7000, 2447]                 # 32768 tokens
-    out += [varlen_case(device, 64, 128, pack, backward=bwd) for bwd in (False, True)]
-    out += [decode_case(device, B, H, 128) for H in (64, 8) for B in (16, 64, 128, 256)]
+    out += [varlen_case(device, H, D, pack, backward=bwd) for bwd in (False, True)]
+    out += [decode_case(device, B, heads, D) for heads in (H, H_TP8) for B in (16, 64, 128, 256)]
     return out
