@@ -67,7 +67,11 @@ class LightningAttention(nn.Module):
             raise ValueError(f"hidden_states must be [B, T, {self.hidden_size}], got {tuple(hidden_states.shape)}")
         B, T, _ = hidden_states.shape
         H, D = self.num_heads, self.head_dim
-        qkv = F.silu(self.qkv_proj(hidden_states)).view(B, T, H, 3 * D)
+        # The projections see 2-D rows: a decode step's [B, 1, hidden] may arrive as a transposed [1, B, hidden]
+        # (strides (hidden, B * hidden, 1)), which torch's matmul runs as B matrix-vector products, each
+        # reading the whole weight (bench/NOTES.md, session 8: 33 of a 38 ms step at B = 64).
+        x = hidden_states.reshape(B * T, self.hidden_size)
+        qkv = F.silu(self.qkv_proj(x)).view(B, T, H, 3 * D)
         q, k, v = qkv.split(D, dim=-1)
         slope = self.slope.float()
         if state is not None and slot_idx is None:
@@ -81,5 +85,5 @@ class LightningAttention(nn.Module):
         else:
             o = lightning_attn_with_cache(q, k, v, slope, state, slot_idx, cu_seqlens=cu_seqlens,
                                           backend=self.backend)
-        o = self.norm(o.reshape(B, T, H * D))
-        return self.out_proj(torch.sigmoid(self.output_gate(hidden_states)) * o)
+        o = self.norm(o.reshape(B * T, H * D))
+        return self.out_proj(torch.sigmoid(self.output_gate(x)) * o).view(B, T, self.hidden_size)
