@@ -190,7 +190,9 @@ def test_top_k_and_top_p_thresholds():
 def test_triton_sampler_matches_torch():
     from m1_kernels.model.sampling_triton import sample_triton
     g = torch.Generator().manual_seed(0)
-    logits = (torch.randn(3, 5000, generator=g) * 3).to(DEVICE)
+    logits = torch.randn(3, 20000, generator=g) * 3        # three pieces of the Triton sampler, the last one partial
+    logits[1, [100, 9000, 19999]] = 50.0                        # a greedy row's maximum in three pieces: the first wins
+    logits = logits.to(DEVICE)
     rows = torch.tensor([0, 1, 2, 2, 1, 0], device=DEVICE)
     inv_temp = torch.tensor([1.0, 0.0, 2.0, 0.5, 1.0, 1.0], device=DEVICE)
     keys = torch.from_numpy(row_keys([11, 12, 13, 14, 15, 16], [3, 3, 4, 9, 1, 2])).to(DEVICE)
@@ -201,7 +203,7 @@ def test_triton_sampler_matches_torch():
     got = sample_triton(logits, table[:, 0], inv_temp, floor, table[:, 1])
     assert torch.equal(got[0], expected[0])
     assert torch.allclose(got[1], expected[1], atol=1e-5, rtol=0)
-    assert int(got[0][1]) == int(logits[1].argmax())               # temperature 0: greedy
+    assert int(got[0][1]) == int(logits[1].argmax()) == 100        # temperature 0: greedy
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's CPU run; tests/test_engine_gpu.py covers the GPU")
