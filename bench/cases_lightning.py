@@ -32,20 +32,25 @@ def _our_backends(op, device):
     return [b.name for b in available_backends(OP_BACKENDS[op], device) if device.type == "cuda" or b.name == "torch"]
 
 
-def _prefill_case(device, name, B, T, H, D, dtype, backward, slope, cu_seqlens, torch_peer, params):
-    """One prefill case (fixed-length or packed): ours per backend, fla chunk, the torch backend."""
+def _prefill_case(device, name, B, T, H, D, dtype, backward, slope, cu_seqlens, torch_peer, params,
+                  initial_states=False):
+    """One prefill case (fixed-length or packed): ours per backend, fla chunk, the torch backend. With
+    initial_states, every sequence starts from a given fp32 state (a serving prefill continuing cached
+    states, a packed training batch of continued sequences); its gradient is taken too."""
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
 
     def make():
         q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dtype) * D ** -0.5 for _ in range(3))
         do = torch.randn_like(v) if backward else None
-        return q.requires_grad_(backward), k.requires_grad_(backward), v.requires_grad_(backward), do
+        h0 = (torch.randn(N, H, D, D, device=device) * 0.05).requires_grad_(backward) if initial_states else None
+        return q.requires_grad_(backward), k.requires_grad_(backward), v.requires_grad_(backward), h0, do
 
     def run(fn):
         def call(inputs):
-            q, k, v, do = inputs
-            o = fn(q, k, v)
+            q, k, v, h0, do = inputs
+            o = fn(q, k, v, h0)
             if backward:
-                torch.autograd.grad(o, (q, k, v), do)
+                torch.autograd.grad(o, (q, k, v) if h0 is None else (q, k, v, h0), do)
         return call
 
     impls = {}
@@ -53,15 +58,18 @@ def _prefill_case(device, name, B, T, H, D, dtype, backward, slope, cu_seqlens, 
         if backend == "torch" and not torch_peer:
             continue
         label = f"ours[{backend}]" if backend != "torch" or device.type == "cpu" else "torch (fp32 blockwise)"
-        impls[label] = run(lambda q, k, v, b=backend: lightning_ops.lightning_attn(
-            q, k, v, slope, cu_seqlens=cu_seqlens, backend=b)[0])
+        impls[label] = run(lambda q, k, v, h0, b=backend: lightning_ops.lightning_attn(
+            q, k, v, slope, initial_state=h0, cu_seqlens=cu_seqlens, backend=b)[0])
     fla = _fla() if device.type == "cuda" else None
     if fla is not None:
         chunk, cu64 = fla[0], None if cu_seqlens is None else cu_seqlens.long()
-        impls["fla chunk"] = run(lambda q, k, v: chunk(q, k, v, g_gamma=-slope, scale=1.0, cu_seqlens=cu64)[0])
+        impls["fla chunk"] = run(lambda q, k, v, h0: chunk(q, k, v, g_gamma=-slope, scale=1.0, initial_state=h0,
+                                                          cu_seqlens=cu64)[0])
     io = B * T * H * 4 * D * (torch.finfo(dtype).bits // 8)            # q, k, v read; o written
+    io += N * H * D * D * 4 if initial_states else 0                    # the initial states read
     return Case("lightning prefill", name, make, impls, bytes=io * (3 if backward else 1),
-                params=dict(params, H=H, D=D, T=T, dtype=str(dtype), backward=backward))
+                params=dict(params, H=H, D=D, T=T, dtype=str(dtype), backward=backward,
+                            initial_states=initial_states))
 
 
 def prefill_cases(device, B, H, D, T, dtype, backward=False, layer=0, torch_peer=True):
@@ -71,14 +79,22 @@ def prefill_cases(device, B, H, D, T, dtype, backward=False, layer=0, torch_peer
     return _prefill_case(device, name, B, T, H, D, dtype, backward, slope, None, torch_peer, dict(B=B))
 
 
-def varlen_case(device, H, D, lengths, dtype=torch.bfloat16, backward=False):
+def varlen_case(device, H, D, lengths, dtype=torch.bfloat16, backward=False, initial_states=False, torch_peer=True):
     """A pack of sequences of mixed lengths (empty and length-1 included), one state each."""
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
     T = int(sum(lengths))
     slope = lightning_ops.slopes(H, 0, LAYERS, device=device)
     mode = "fwd+bwd" if backward else "fwd"
-    name = f"varlen {mode} N{len(lengths)} H{H} D{D} T{T} {str(dtype).removeprefix('torch.')}"
-    return _prefill_case(device, name, 1, T, H, D, dtype, backward, slope, cu, True, dict(lengths=list(lengths)))
+    start = " from states" if initial_states else ""
+    name = f"varlen {mode} N{len(lengths)}{start} H{H} D{D} T{T} {str(dtype).removeprefix('torch.')}"
+    return _prefill_case(device, name, 1, T, H, D, dtype, backward, slope, cu, torch_peer, dict(lengths=list(lengths)),
+                         initial_states)
+
+
+def packed_lengths(count, low, high, seed=0):
+    """`count` sequence lengths drawn uniformly from [low, high] (a serving step's or a packed batch's mix)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(low, high + 1, (count,), generator=g).tolist()
 
 
 def decode_case(device, B, H, D, dtype=torch.bfloat16):
@@ -111,6 +127,7 @@ def cases(device):
         return [prefill_cases(device, 1, 4, 64, 512, torch.float32),
                 prefill_cases(device, 1, 4, 64, 512, torch.float32, backward=True),
                 varlen_case(device, 4, 64, [200, 0, 1, 311], torch.float32),
+                varlen_case(device, 4, 64, [30, 90, 17], torch.float32, backward=True, initial_states=True),
                 decode_case(device, 8, 4, 64, torch.float32)]
     out = [prefill_cases(device, 1, H, D, T, torch.bfloat16, torch_peer=T <= 32768) for T in (8192, 32768)]
     out += [prefill_cases(device, 1, H, D, T, torch.bfloat16, backward=True, torch_peer=False) for T in (8192, 32768)]
@@ -119,5 +136,13 @@ def cases(device):
             for T in (131072, 1 << 20) for bwd in (False, True)]
     pack = [8192, 1, 0, 3000, 12000, 64, 7000, 2447]                 # 32768 tokens
     out += [varlen_case(device, H, D, pack, backward=bwd) for bwd in (False, True)]
+    # Short and packed, as training and serving produce them: single sequences of 2K-8K tokens, and packs of
+    # many 200-3000-token sequences continuing from states (about 32K tokens per pack).
+    out += [prefill_cases(device, 1, H, D, T, torch.bfloat16, backward=bwd, torch_peer=False)
+            for T in (2048, 4096) for bwd in (False, True)]
+    for count, (low, high) in ((160, (100, 300)), (20, (1000, 2200))):
+        lengths = packed_lengths(count, low, high)
+        out += [varlen_case(device, H, D, lengths, backward=bwd, initial_states=True, torch_peer=False)
+                for bwd in (False, True)]
     out += [decode_case(device, B, heads, D) for heads in (H, H_TP8) for B in (16, 64, 128, 256)]
     return out
