@@ -7,6 +7,12 @@ Ours twice: as shipped (each K tile's 16-bit products summed in a fresh accumula
 accurate as the engine's head) and with trainer.triton_logprobs.RUNNING_ACCUMULATOR (the products accumulate in
 place, faster, with 2.5-6x the fp32 matmul's rounding error on Hopper): the trade-off measured in one run.
 
+Ours once more as "ours[one-pass loss]": trainer.fused_head_loss with a CISPO loss (clip(r, max 1.28) A log p,
+token-normalised; written out rather than through policy_loss, whose metrics read the mask on the host once per
+call), whose gradients are formed in the forward: the logits are computed once, 6 N H V FLOPs where the rows
+above do 8 (forward, then recomputed in the backward). Its upstream gradient is the loss's instead of a random
+one; the work is the same.
+
 Peers: the fp32 head in plain PyTorch (the M1 report's fix: hidden and weight converted to fp32, [N, V] fp32
 logits, log_softmax) and the bf16 head in plain PyTorch (bf16 logits, log_softmax in fp32). The fp32 head is
 not run at 32768 tokens: about 4.6 s per call (nine calls in the timing loop) and about 90 GB.
@@ -25,7 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from m1_kernels.trainer import fused_logprobs
+from m1_kernels.trainer import fused_head_loss, fused_logprobs
 from m1_kernels.trainer.logprobs import triton_logprobs
 
 from .harness import Case
@@ -65,6 +71,19 @@ def _ours(backend):
     return forward
 
 
+def _one_pass_cispo(backend):
+    """fused_head_loss with a CISPO loss on the inputs' old log-probs and advantages; (log p, gradients)."""
+    def call(x):
+        old, adv, n = x["old_logprobs"], x["advantages"], x["targets"].shape[0]
+
+        def cispo(logp):
+            weight = torch.exp(logp - old).clamp(max=1.28).detach()
+            return -(weight * adv * logp).sum() / n
+        loss, logp, _ = fused_head_loss(x["hidden"], x["weight"], x["targets"], cispo, backend=backend)
+        return logp, torch.autograd.grad(loss, [x["hidden"], x["weight"]])
+    return call
+
+
 def _plain_head(dtype):
     def forward(x):
         logits = F.linear(x["hidden"].to(dtype), x["weight"].to(dtype))
@@ -89,10 +108,16 @@ def _fwd_bwd(forward, running_accumulator=False):
 def _inputs(N, H, V, device, dtype):
     g = torch.Generator(device=device).manual_seed(0)
     # Logits with a standard deviation near 3, as an LM head's (hidden after RMSNorm: rms 1).
-    return {"hidden": torch.randn(N, H, device=device, dtype=dtype, generator=g).requires_grad_(),
-            "weight": (torch.randn(V, H, device=device, dtype=dtype, generator=g) * (3 / H ** 0.5)).requires_grad_(),
-            "targets": torch.randint(0, V, (N,), device=device, generator=g),
-            "grad": torch.randn(N, device=device, dtype=torch.float32, generator=g) / N}
+    x = {"hidden": torch.randn(N, H, device=device, dtype=dtype, generator=g).requires_grad_(),
+         "weight": (torch.randn(V, H, device=device, dtype=dtype, generator=g) * (3 / H ** 0.5)).requires_grad_(),
+         "targets": torch.randint(0, V, (N,), device=device, generator=g),
+         "grad": torch.randn(N, device=device, dtype=torch.float32, generator=g) / N,
+         "advantages": torch.randn(N, device=device, dtype=torch.float32, generator=g)}
+    # The sampling policy's log-probs: ours, off by ratios of about exp(+-0.2) (some beyond CISPO's clip).
+    with torch.no_grad():
+        x["old_logprobs"] = fused_logprobs(x["hidden"], x["weight"], x["targets"]) + 0.2 * torch.randn(
+            N, device=device, generator=g)
+    return x
 
 
 def _calls(device, N):
@@ -101,6 +126,7 @@ def _calls(device, N):
     impls = {f"ours[{ours}]": _fwd_bwd(_ours(ours))}
     if device.type == "cuda":
         impls["ours[triton] running acc"] = _fwd_bwd(_ours("triton"), running_accumulator=True)
+    impls["ours[one-pass loss]"] = _one_pass_cispo(ours)
     impls["bf16 head (torch)"] = _fwd_bwd(_plain_head(torch.bfloat16))
     if device.type != "cuda" or N <= 8192:
         impls["fp32 head (torch)"] = _fwd_bwd(_plain_head(torch.float32))

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainerConfig
+from .head_loss import fused_head_loss
 from .logprobs import fused_logprobs
 from .loss import global_count, group_advantages, overlong_penalty, policy_loss
 from .metrics import MetricsLog, logprob_agreement, plot_metrics
@@ -106,6 +107,11 @@ def token_logprobs(model, input_ids, targets, mask, *, logprobs_from="fused", ba
         ent = -(logp_all.exp() * logp_all).sum(-1)
     zeros = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     return zeros.masked_scatter(mask, lp), zeros.masked_scatter(mask, ent.detach())
+
+
+def _scatter(mask, values):
+    """values [mask.sum()] into a [b, L] fp32 tensor, 0 off the mask (differentiable)."""
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, values)
 
 
 def _chunks(items, size):
@@ -281,6 +287,18 @@ class Trainer:
         return (torch.cat([pad(lp, (0, L - lp.shape[1])) for lp, _ in rows]),
                 torch.cat([pad(ent, (0, L - ent.shape[1])) for _, ent in rows]))
 
+    def _head_loss(self, batch: Batch, loss_args, loss_kw):
+        """(loss, log-probs [b, L], entropies [b, L]) of a batch through fused_head_loss: the LM head, log-probs
+        and policy_loss in one pass (the head's gradients formed in its forward; policy_loss is a sum of
+        per-token terms at fixed counts). Batch-invariant mode keeps the per-sequence forwards instead."""
+        mask = batch.mask
+        hidden = self.model.model(batch.input_ids)[mask]
+        backend = self.config.backend if self.config.backend in ("triton", "torch") else None
+        loss, lp, ent = fused_head_loss(hidden, self.model.lm_head.weight, batch.targets[mask],
+                                        lambda flat: policy_loss(_scatter(mask, flat), *loss_args, **loss_kw)[0],
+                                        return_entropy=True, backend=backend)
+        return loss, _scatter(mask, lp), _scatter(mask, ent)
+
     # ------------------------------------------------------------------------------------------------
     # Updates
 
@@ -315,12 +333,17 @@ class Trainer:
             n_tokens = global_count(sum(len(s.completion) for s in minibatch), self.dp_group)
             n_sequences = global_count(len(minibatch), self.dp_group)
             loss_total = 0.0
+            loss_kw = dict(method=cfg.method, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                           normalization=cfg.normalization, num_tokens=n_tokens, num_sequences=n_sequences)
             for micro in _chunks(minibatch, cfg.micro_batch_size):
                 batch = make_batch(micro, self.device)
-                lp, ent = self.sequence_logprobs(batch)
-                loss, m = policy_loss(lp, batch.old_logprobs, batch.advantages, batch.mask, method=cfg.method,
-                                      eps_low=cfg.eps_low, eps_high=cfg.eps_high, normalization=cfg.normalization,
-                                      num_tokens=n_tokens, num_sequences=n_sequences)
+                loss_args = (batch.old_logprobs, batch.advantages, batch.mask)
+                if cfg.logprobs_from == "fused" and not cfg.batch_invariant:
+                    loss, lp, ent = self._head_loss(batch, loss_args, loss_kw)
+                    _, m = policy_loss(lp, *loss_args, **loss_kw)    # the metrics (lp is detached)
+                else:
+                    lp, ent = self.sequence_logprobs(batch)
+                    loss, m = policy_loss(lp, *loss_args, **loss_kw)
                 (loss * self.loss_scale).backward()
                 loss_total += loss.item()
                 count = m["tokens"].item()

@@ -29,6 +29,9 @@ dh (fp32 accumulator) and write dW_chunk = dz^T @ h. Row blocks of at most DH_BU
 bound the extra memory at large token counts; dW then accumulates over row blocks (fp32 sum, one rounding per
 block). The logits are computed twice (forward and backward): 8 N H V FLOPs in all, where 6 N H V is the
 usual count.
+
+trainer.head_loss (one pass, 6 N H V) runs the forward kernel with STORE_Z, which also writes each fp32 logits
+tile to memory, then `dlogits_from_z`: d logits from those stored logits, one elementwise pass.
 """
 
 import torch
@@ -49,6 +52,8 @@ DZ_BUDGET_BYTES = 256 << 20
 # Columns one forward program covers (the same for every config, so the partial buffers have one size); the
 # backward's chunk widths and row blocks are multiples of the largest tiles.
 COLUMNS_PER_PROGRAM = 64 if INTERPRETED else 2048
+# Columns of one program of the elementwise dz kernel (trainer.head_loss).
+DZ_BLOCK = 64 if INTERPRETED else 4096
 COLUMN_ALIGN, ROW_ALIGN = (32, 16) if INTERPRETED else (256, 128)
 # Below this many multiply-adds a call takes microseconds: one config, no autotuning (the tests draw many shapes).
 TUNE_MIN_MACS = 1 << 32
@@ -115,15 +120,17 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, H, stride_hn, stride_wv, PIECES: tl.c
 
 
 # Autotune keys hold powers of two of the row and reduction sizes: an RL run's token counts change every call.
-@triton.autotune(configs=TILE_CONFIGS, key=["N_BUCKET", "K_BUCKET", "V_TOTAL", "PIECES", "WITH_ENTROPY"],
+@triton.autotune(configs=TILE_CONFIGS, key=["N_BUCKET", "K_BUCKET", "V_TOTAL", "PIECES", "WITH_ENTROPY", "STORE_Z"],
                  prune_configs_by={"early_config_prune": autotune_prune(_prune)}, cache_results=True)
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
-def _forward_kernel(h_ptr, w_ptr, tgt_ptr, part_m_ptr, part_s_ptr, part_t_ptr, zt_ptr, N, V_TOTAL, K,
-                    stride_hn, stride_wv, N_BUCKET, K_BUCKET, WITH_ENTROPY: tl.constexpr, PIECES: tl.constexpr,
-                    FP32_DOT: tl.constexpr, RUNNING_ACC: tl.constexpr, COLUMNS: tl.constexpr, EVEN_K: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
-    """Partial (m, s, t) of rows block x COLUMNS columns into part_*[group, row]; the target logit into zt."""
+def _forward_kernel(h_ptr, w_ptr, tgt_ptr, part_m_ptr, part_s_ptr, part_t_ptr, zt_ptr, z_ptr, N, V_TOTAL, K,
+                    stride_hn, stride_wv, stride_z, N_BUCKET, K_BUCKET, WITH_ENTROPY: tl.constexpr,
+                    STORE_Z: tl.constexpr, PIECES: tl.constexpr, FP32_DOT: tl.constexpr, RUNNING_ACC: tl.constexpr,
+                    COLUMNS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                    BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    """Partial (m, s, t) of rows block x COLUMNS columns into part_*[group, row]; the target logit into zt; with
+    STORE_Z the fp32 logits into z too."""
     V = V_TOTAL
     num_groups = tl.cdiv(V, COLUMNS)
     pid_n, pid_g = _grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_groups, GROUP)
@@ -143,6 +150,9 @@ def _forward_kernel(h_ptr, w_ptr, tgt_ptr, part_m_ptr, part_s_ptr, part_t_ptr, z
         col_ok = cols < V
         acc = _logits_tile(h_ptr, w_ptr, rows_in, cols % V, K, stride_hn, stride_wv, PIECES, EVEN_K, FP32_DOT,
                            RUNNING_ACC, BLOCK_N, BLOCK_V, BLOCK_K)
+        if STORE_Z:
+            tl.store(z_ptr + rows.to(tl.int64)[:, None] * stride_z + cols[None, :], acc,
+                     mask=row_ok[:, None] & col_ok[None, :])
         z = tl.where(col_ok[None, :], acc, float("-inf"))
         new_m = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - new_m)
@@ -191,6 +201,21 @@ def _dlogits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_p
         dz -= g_ent[:, None] * p * (z - lse[:, None] + ent[:, None])
     ok = (rows < N)[:, None] & (local < cols_here)[None, :]
     tl.store(dz_ptr + rows[:, None] * stride_dz + local[None, :], dz.to(dz_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _dz_from_logits_kernel(z_ptr, lse_ptr, g_ptr, tgt_ptr, dz_ptr, V, stride_z, stride_dz, BLOCK: tl.constexpr):
+    """dz = g (onehot - exp(z - lse)) of one row's BLOCK columns, from stored fp32 logits (trainer.head_loss).
+    dz may be z itself (an fp32 weight): each element is read, then written, by the same thread."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < V
+    z = tl.load(z_ptr + row * stride_z + cols, mask=ok, other=float("-inf"))
+    lse = tl.load(lse_ptr + row)
+    g = tl.load(g_ptr + row)
+    target = tl.load(tgt_ptr + row).to(tl.int32)
+    dz = tl.where(cols == target, g, 0.0) - tl.exp(z - lse) * g
+    tl.store(dz_ptr + row * stride_dz + cols, dz.to(dz_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.autotune(configs=TILE_CONFIGS, key=["N_BUCKET", "K_BUCKET", "V_TOTAL", "PIECES", "ACCUMULATE"],
@@ -251,8 +276,9 @@ def _grid_2d(rows, cols):
     return lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]) * triton.cdiv(cols, meta["BLOCK_V"]),)
 
 
-def forward(hidden, weight, targets, with_entropy):
-    """(log p [N], entropy [N] or [0], lse [N]), all fp32."""
+def forward(hidden, weight, targets, with_entropy, z=None):
+    """(log p [N], entropy [N] or [0], lse [N]), all fp32; a given z ([N, V] fp32, unit column stride) receives
+    the logits (trainer.head_loss)."""
     N, H = hidden.shape
     V = weight.shape[0]
     device = hidden.device
@@ -265,8 +291,9 @@ def forward(hidden, weight, targets, with_entropy):
     if N == 0:
         return z_target, z_target.new_empty(N if with_entropy else 0), z_target.clone()
     _forward_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * groups,)](
-        hidden, weight, targets, part_m, part_s, part_t, z_target, N, V, H, hidden.stride(0), weight.stride(0),
-        _bucket(N), _bucket(H), WITH_ENTROPY=with_entropy, PIECES=_pieces(hidden.dtype, weight.dtype),
+        hidden, weight, targets, part_m, part_s, part_t, z_target, part_m if z is None else z, N, V, H,
+        hidden.stride(0), weight.stride(0), 0 if z is None else z.stride(0), _bucket(N), _bucket(H),
+        WITH_ENTROPY=with_entropy, STORE_Z=z is not None, PIECES=_pieces(hidden.dtype, weight.dtype),
         FP32_DOT=weight.dtype == torch.float32, RUNNING_ACC=RUNNING_ACCUMULATOR, COLUMNS=COLUMNS_PER_PROGRAM)
     top = part_m.max(dim=0).values
     scale = torch.exp(part_m - top)
@@ -329,3 +356,13 @@ def backward(grad_logp, grad_entropy, hidden, weight, targets, lse, entropy, nee
         if need_dh and dh is None:
             dh_out[r0:r1] = acc
     return dh_out, dw
+
+
+def dlogits_from_z(z, lse, g, targets, dz):
+    """dz [n, V] (the weight's dtype, or z itself) = g (onehot(targets) - softmax) from the fp32 logits z [n, V]
+    and their lse [n]: the gradient of sum(g * log p) in the logits (trainer.head_loss)."""
+    n, V = z.shape
+    if n:
+        _dz_from_logits_kernel[(n, triton.cdiv(V, DZ_BLOCK))](z, lse, g, targets, dz, V, z.stride(0), dz.stride(0),
+                                                             BLOCK=DZ_BLOCK, num_warps=4 if INTERPRETED else 8)
+    return dz
