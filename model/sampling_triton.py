@@ -1,19 +1,13 @@
-"""The engine's sampler in one Triton pass over the logits (semantics and hash: model/sampling.py).
+"""The engine's sampler in one Triton pass per row (semantics and hash: model/sampling.py).
 
-Each row is cut into pieces of PIECE columns, one program each: a program walks its piece once for the
-Gumbel race (or the plain argmax for greedy rows), the winner's raw logit and an online log-sum-exp.
-A second kernel, one program per row, merges the pieces in column order (the earliest maximum wins, as
-torch.argmax). A program per whole row left a decode step at B = 1 waiting about a millisecond on one SM
-walking 200064 columns (bench/NOTES.md, session 8).
+One program per row walks the row's logits once: the Gumbel race (or the plain argmax for greedy
+rows), the chosen token's raw logit and an online log-sum-exp, so the token and its log-probability
+cost one read of the logits.
 """
 
 import torch
 import triton
 import triton.language as tl
-
-
-BLOCK = 2048
-PIECE = 4 * BLOCK      # columns per program: 25 programs per row at M1's vocabulary
 
 
 @triton.jit
@@ -27,12 +21,9 @@ def _mix32(x):
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, stride_row, rows_ptr, inv_temp_ptr, floor_ptr, keys_ptr, part_ptr, V,
-                   PIECE: tl.constexpr, BLOCK: tl.constexpr):
-    """Piece p of row r: part[r, p] = (max, sum of exp(x - max), best score, its column, its raw logit)."""
+def _sample_kernel(logits_ptr, stride_row, rows_ptr, inv_temp_ptr, floor_ptr, keys_ptr, tokens_ptr, logprobs_ptr,
+                   V, BLOCK: tl.constexpr):
     r = tl.program_id(0)
-    p = tl.program_id(1)
-    pieces = tl.num_programs(1)
     src = tl.load(rows_ptr + r).to(tl.int64)
     inv_t = tl.load(inv_temp_ptr + r)
     floor = tl.load(floor_ptr + r)
@@ -43,7 +34,7 @@ def _sample_kernel(logits_ptr, stride_row, rows_ptr, inv_temp_ptr, floor_ptr, ke
     best = tl.full((), float("-inf"), tl.float32)
     best_idx = tl.zeros((), tl.int64)
     best_logit = tl.zeros((), tl.float32)
-    for start in range(p * PIECE, p * PIECE + PIECE, BLOCK):
+    for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         inside = offs < V
         x = tl.load(row + offs, mask=inside, other=float("-inf"))
@@ -61,31 +52,8 @@ def _sample_kernel(logits_ptr, stride_row, rows_ptr, inv_temp_ptr, floor_ptr, ke
         best_idx = tl.where(take, start + block_idx, best_idx)
         best_logit = tl.where(take, tl.sum(tl.where(offs == start + block_idx, x, 0.0), 0), best_logit)
         best = tl.where(take, block_best, best)
-    part = part_ptr + (r * pieces + p) * 5
-    tl.store(part, m)
-    tl.store(part + 1, s)
-    tl.store(part + 2, best)
-    tl.store(part + 3, best_idx.to(tl.float32))     # exact: columns < 2^24
-    tl.store(part + 4, best_logit)
-
-
-@triton.jit
-def _merge_kernel(part_ptr, tokens_ptr, logprobs_ptr, PIECES: tl.constexpr, PIECES_POW2: tl.constexpr):
-    r = tl.program_id(0)
-    i = tl.arange(0, PIECES_POW2)
-    ok = i < PIECES
-    part = part_ptr + (r * PIECES + i) * 5
-    m = tl.load(part, mask=ok, other=float("-inf"))
-    s = tl.load(part + 1, mask=ok, other=0.0)
-    best = tl.load(part + 2, mask=ok, other=float("-inf"))
-    top = tl.max(m, 0)
-    total = tl.sum(tl.where(m > float("-inf"), s * tl.exp(m - top), 0.0), 0)
-    winner = tl.argmax(best, 0)                        # the first piece holding the maximum: the earliest column
-    pick = i == winner
-    token = tl.sum(tl.where(pick, tl.load(part + 3, mask=ok, other=0.0), 0.0), 0)
-    logit = tl.sum(tl.where(pick, tl.load(part + 4, mask=ok, other=0.0), 0.0), 0)
-    tl.store(tokens_ptr + r, token.to(tl.int64))
-    tl.store(logprobs_ptr + r, logit - top - tl.log(total))
+    tl.store(tokens_ptr + r, best_idx)
+    tl.store(logprobs_ptr + r, best_logit - m - tl.log(s))
 
 
 def sample_triton(logits, rows, inv_temp, floor, keys):
@@ -97,10 +65,7 @@ def sample_triton(logits, rows, inv_temp, floor, keys):
     tokens = torch.empty(R, dtype=torch.int64, device=logits.device)
     logprobs = torch.full((R,), float("nan"), dtype=torch.float32, device=logits.device)
     if R:   # the per-row vectors are read as contiguous arrays
-        pieces = triton.cdiv(V, PIECE)
-        part = torch.empty(R, pieces, 5, dtype=torch.float32, device=logits.device)
-        _sample_kernel[(R, pieces)](logits, logits.stride(0), rows.contiguous(), inv_temp.float().contiguous(),
-                                    floor.float().contiguous(), keys.contiguous(), part, V, PIECE=PIECE,
-                                    BLOCK=BLOCK, num_warps=8)
-        _merge_kernel[(R,)](part, tokens, logprobs, PIECES=pieces, PIECES_POW2=triton.next_power_of_2(pieces))
+        _sample_kernel[(R,)](logits, logits.stride(0), rows.contiguous(), inv_temp.float().contiguous(),
+                             floor.float().contiguous(), keys.contiguous(), tokens, logprobs, V, BLOCK=2048,
+                             num_warps=8)
     return tokens, logprobs
