@@ -266,15 +266,9 @@ def rl_workload(device) -> dict:
         with torch.no_grad():
             return hf.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=reduced_tokens,
                                min_new_tokens=reduced_tokens, do_sample=False, pad_token_id=0)
-    # transformers' default experts path (grouped_mm) stopped with "CUDA error: misaligned address" on these
-    # batches in session 8 (and the error ends the process's CUDA context); its reference loop over the experts
-    # ("eager") is what runs here, and the JSON says so.
-    if hasattr(hf, "set_experts_implementation"):
-        hf.set_experts_implementation("eager")
     try:
         _, seconds, peak = _measure(device, lambda: [hf_generate(g) for g in groups])
-        reduced["transformers"] = dict(seconds=seconds, peak_GiB=peak, tokens=len(prompts) * reduced_tokens,
-                                       experts_implementation=getattr(hf.config, "_experts_implementation", None))
+        reduced["transformers"] = dict(seconds=seconds, peak_GiB=peak, tokens=len(prompts) * reduced_tokens)
     except Exception as exc:      # reported, not fatal
         reduced["transformers"] = dict(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
     for r in reduced.values():
