@@ -21,9 +21,9 @@ chunks in fp32 arithmetic on an fp32 copy of the weight.
 import torch
 
 from m1_kernels.dispatch import Backend, resolve_backend
-from m1_kernels.validate import FLOAT_DTYPES, capturing, check_tensor
+from m1_kernels.validate import FLOAT_DTYPES
 
-from .logprobs import triton_logprobs
+from .logprobs import check_head_inputs, triton_logprobs
 
 # The largest temporaries: one chunk's fp32 logits plus its 16-bit d logits (an fp32 d logits overwrites the
 # logits in place). At V = 200064 that is 768 rows.
@@ -77,7 +77,7 @@ def fused_head_loss(hidden, weight, targets, loss_fn, *, return_entropy: bool = 
         (loss, logp, entropy): loss a 0-d fp32 tensor differentiable in hidden and weight; logp [N] fp32 and
         entropy [N] fp32 (None without return_entropy), both detached.
     """
-    hidden = _check_inputs(hidden, weight, targets)
+    hidden = check_head_inputs(hidden, weight, targets)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if not isinstance(return_entropy, bool):
@@ -90,31 +90,6 @@ def fused_head_loss(hidden, weight, targets, loss_fn, *, return_entropy: bool = 
     loss, logp, entropy = _HeadLoss.apply(hidden, weight, targets.contiguous(), loss_fn, return_entropy, row.name,
                                           chunk_rows, grad and hidden.requires_grad, grad and weight.requires_grad)
     return loss, logp, (entropy if return_entropy else None)
-
-
-def _check_inputs(hidden, weight, targets):
-    """fused_logprobs's checks; returns hidden, converted to fp32 when the weight is fp32."""
-    check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES, unit_last_stride=True)
-    device = hidden.device
-    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, device=device, unit_last_stride=True)
-    check_tensor("targets", targets, ndim=1, dtypes=(torch.int32, torch.int64), device=device)
-    N, H = hidden.shape
-    V = weight.shape[0]
-    if weight.shape[1] != H:
-        raise ValueError(f"weight must be [V, H] with H = hidden.shape[1] = {H}, got {tuple(weight.shape)}")
-    if V == 0:
-        raise ValueError("weight must have at least one row (an empty vocabulary has no log-probabilities)")
-    if targets.shape[0] != N:
-        raise ValueError(f"targets must be [N] with N = hidden.shape[0] = {N}, got {tuple(targets.shape)}")
-    if weight.dtype == torch.float32 and hidden.dtype != torch.float32:
-        hidden = hidden.float()
-    elif hidden.dtype not in (weight.dtype, torch.float32):
-        raise TypeError(f"hidden must be float32 or the weight's dtype {weight.dtype}, got {hidden.dtype}")
-    if N and device.type == "cpu" and not capturing(device):
-        lo, hi = int(targets.min()), int(targets.max())
-        if lo < 0 or hi >= V:
-            raise ValueError(f"targets must lie in [0, V={V}), got values in [{lo}, {hi}]")
-    return hidden
 
 
 class _HeadLoss(torch.autograd.Function):

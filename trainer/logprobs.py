@@ -101,12 +101,21 @@ def fused_logprobs(hidden, weight, targets, *, return_entropy: bool = False, bac
     Returns:
         logp [N] fp32, or (logp, entropy) with return_entropy.
     """
+    hidden = check_head_inputs(hidden, weight, targets)
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    row = resolve_backend("fused_logprobs", backend, BACKENDS, hidden.device)
+    logp, entropy, _ = _fused_logprobs(hidden, weight, targets.contiguous(), return_entropy, row.name)
+    return (logp, entropy) if return_entropy else logp
+
+
+def check_head_inputs(hidden, weight, targets):
+    """The checks of fused_logprobs and fused_head_loss (errors name the argument); returns hidden, converted to
+    fp32 when the weight is fp32."""
     check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES, unit_last_stride=True)
     device = hidden.device
     check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, device=device, unit_last_stride=True)
     check_tensor("targets", targets, ndim=1, dtypes=(torch.int32, torch.int64), device=device)
-    if not isinstance(return_entropy, bool):
-        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
     N, H = hidden.shape
     V = weight.shape[0]
     if weight.shape[1] != H:
@@ -123,6 +132,4 @@ def fused_logprobs(hidden, weight, targets, *, return_entropy: bool = False, bac
         lo, hi = int(targets.min()), int(targets.max())
         if lo < 0 or hi >= V:
             raise ValueError(f"targets must lie in [0, V={V}), got values in [{lo}, {hi}]")
-    row = resolve_backend("fused_logprobs", backend, BACKENDS, device)
-    logp, entropy, _ = _fused_logprobs(hidden, weight, targets.contiguous(), return_entropy, row.name)
-    return (logp, entropy) if return_entropy else logp
+    return hidden
