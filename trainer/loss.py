@@ -150,8 +150,8 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, method: str = "cisp
     with torch.no_grad():
         n = tokens_here.clamp(min=1).float()
         outside = (below | above) & mask
-        masked_ratio = ratio[mask]
-        empty = masked_ratio.numel() == 0
+        empty = tokens_here == 0          # where-reductions, not ratio[mask]: indexing by a mask waits for the GPU
+        inf = torch.full_like(ratio, float("inf"))
         metrics = {
             "clipped_fraction": outside.sum() / n,
             "clipped_low_fraction": (below & mask).sum() / n,
@@ -159,9 +159,9 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, method: str = "cisp
             "ppo_masked_fraction": (ppo_masked & mask).sum() / n,
             # CISPO's gradient in logprobs is -r^ A, PPO-clip's is -r A (or 0 when masked): equal iff A = 0 or r = r^.
             "cispo_ppo_differ_fraction": (outside & (adv != 0)).sum() / n,
-            "ratio_mean": masked_ratio.sum() / n,
-            "ratio_min": ratio.new_ones(()) if empty else masked_ratio.min(),
-            "ratio_max": ratio.new_ones(()) if empty else masked_ratio.max(),
+            "ratio_mean": torch.where(mask, ratio, 0.0).sum() / n,
+            "ratio_min": torch.where(empty, 1.0, torch.where(mask, ratio, inf).amin()),
+            "ratio_max": torch.where(empty, 1.0, torch.where(mask, ratio, -inf).amax()),
             "tokens": tokens_here,
         }
     return loss, metrics
