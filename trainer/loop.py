@@ -100,18 +100,22 @@ def token_logprobs(model, input_ids, targets, mask, *, logprobs_from="fused", ba
     if logprobs_from == "fused":
         hidden = model.model(input_ids)
         lp, ent = fused_logprobs(hidden[mask], model.lm_head.weight, targets[mask], return_entropy=True,
-                                 backend=backend if backend in ("triton", "torch") else None)
+                                 backend=_head_backend(backend))
     else:
         logp_all = torch.log_softmax(model(input_ids)[mask].float(), dim=-1)
         lp = logp_all.gather(1, targets[mask][:, None])[:, 0]
         ent = -(logp_all.exp() * logp_all).sum(-1)
-    zeros = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    return zeros.masked_scatter(mask, lp), zeros.masked_scatter(mask, ent.detach())
+    return _scatter(mask, lp), _scatter(mask, ent.detach())
 
 
 def _scatter(mask, values):
     """values [mask.sum()] into a [b, L] fp32 tensor, 0 off the mask (differentiable)."""
     return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, values)
+
+
+def _head_backend(backend):
+    """The LM-head loss ops' backend for the model's `backend` setting (they have triton and torch only)."""
+    return backend if backend in ("triton", "torch") else None
 
 
 def _chunks(items, size):
@@ -293,10 +297,9 @@ class Trainer:
         per-token terms at fixed counts). Batch-invariant mode keeps the per-sequence forwards instead."""
         mask = batch.mask
         hidden = self.model.model(batch.input_ids)[mask]
-        backend = self.config.backend if self.config.backend in ("triton", "torch") else None
         loss, lp, ent = fused_head_loss(hidden, self.model.lm_head.weight, batch.targets[mask],
                                         lambda flat: policy_loss(_scatter(mask, flat), *loss_args, **loss_kw)[0],
-                                        return_entropy=True, backend=backend)
+                                        return_entropy=True, backend=_head_backend(self.config.backend))
         return loss, _scatter(mask, lp), _scatter(mask, ent)
 
     # ------------------------------------------------------------------------------------------------
