@@ -330,22 +330,24 @@ class Engine:
         R = len(rows)
         params = [c.request.params for c, *_ in rows]
         max_stops = max(1, max(len(p.stop_token_ids) for p in params))
+        # The integer columns first: a slice of them is one kernel, where indexing with a list of columns
+        # would copy that list from pageable memory and synchronise the step with the device.
         table = np.zeros((R, 9 + max_stops), dtype=np.float64)
         table[:, 0] = [r[1] for r in rows]
-        table[:, 1] = [0.0 if p.temperature == 0 else np.float32(1.0 / p.temperature) for p in params]
-        table[:, 2] = [p.top_k for p in params]
-        table[:, 3] = [p.top_p for p in params]
-        table[:, 4] = row_keys([c.key for c, *_ in rows], [r[2] for r in rows])
-        table[:, 5] = [p.repetition_stop[0] if p.repetition_stop else 0 for p in params]
-        table[:, 6] = [p.repetition_stop[1] if p.repetition_stop else 1.0 for p in params]
-        table[:, 7] = [c.slot for c, *_ in rows]
-        table[:, 8] = [r[3] for r in rows]
+        table[:, 1] = [p.top_k for p in params]
+        table[:, 2] = row_keys([c.key for c, *_ in rows], [r[2] for r in rows])
+        table[:, 3] = [p.repetition_stop[0] if p.repetition_stop else 0 for p in params]
+        table[:, 4] = [c.slot for c, *_ in rows]
+        table[:, 5] = [r[3] for r in rows]
+        table[:, 6] = [0.0 if p.temperature == 0 else np.float32(1.0 / p.temperature) for p in params]
+        table[:, 7] = [p.top_p for p in params]
+        table[:, 8] = [p.repetition_stop[1] if p.repetition_stop else 1.0 for p in params]
         table[:, 9:] = -1
         for i, p in enumerate(params):
             table[i, 9:9 + len(p.stop_token_ids)] = p.stop_token_ids
         d = self._upload(table, torch.float64)
-        as_long = d[:, [0, 2, 4, 5, 7]].long()
-        inv_temp, top_p, rep_prob = d[:, 1].float(), d[:, 3].float(), d[:, 6].float()
+        as_long = d[:, :5].long()                    # source row, top_k, key, repetition count, slot
+        inv_temp, top_p, rep_prob = d[:, 6].float(), d[:, 7].float(), d[:, 8].float()
         tokens, logprobs, start = [], [], 0
         for logits, g in groups:
             if not g:
@@ -364,7 +366,7 @@ class Engine:
             logprobs.append(lp)
         tokens, logprobs = torch.cat(tokens), torch.cat(logprobs)
         codes = finish_codes(tokens, logprobs, d[:, 9:].long(), as_long[:, 3], rep_prob, self.runs, as_long[:, 4],
-                             d[:, 8] > 0)
+                             d[:, 5] > 0)
         self._last_token[as_long[:, 4]] = tokens
         out = torch.stack([tokens.double(), logprobs.double(), codes.double()], dim=1)
         if self.device.type != "cuda":

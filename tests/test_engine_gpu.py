@@ -153,3 +153,26 @@ def test_update_weights_keeps_the_graphs_valid():
     fresh = Engine(b, max_num_seqs=4, max_model_len=128, num_pages=PAGES)
     assert [o.outputs[0].token_ids for o in engine.generate(prompts, greedy)] == \
         [o.outputs[0].token_ids for o in fresh.generate(prompts, greedy)]
+
+
+def test_decode_steps_do_not_synchronise():
+    """Once the prompts are in, a step's only wait is for the previous step's tokens (an event): a call that
+    synchronises the stream (a copy from pageable memory, .item(), indexing with a list) makes the host wait
+    for the step it has just launched, and host and device take turns instead of overlapping."""
+    _, _, ours = models(SMALL, seed=6)
+    engine = Engine(ours, max_num_seqs=4, max_model_len=256, max_num_batched_tokens=64, num_pages=PAGES)
+    advance, steps = engine._advance, []
+
+    def checked():
+        # step 1 prefills both prompts; step 2 launches the first decode and reads step 1
+        torch.cuda.set_sync_debug_mode("error" if len(steps) >= 2 else "default")
+        try:
+            return advance()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            steps.append(None)
+    engine._advance = checked
+    params = [SamplingParams(n=2, temperature=1.0, top_p=0.9, max_tokens=40, seed=7),
+              SamplingParams(temperature=0.0, max_tokens=40, stop_token_ids=[3], repetition_stop=(30, 0.99))]
+    outs = engine.generate(prompts_of([40, 9], SMALL.vocab_size, seed=8), params)   # crosses 16-token pages
+    assert len(steps) >= 30 and all(c.token_ids for o in outs for c in o.outputs)
