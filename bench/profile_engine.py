@@ -1,19 +1,29 @@
 """Where a decode step of the engine spends its time: the kernels of one step on the real-width slice, by
 GPU time, at each batch asked for (the engine decode cases' setup: bench/cases_engine.py).
 
-    python -m m1_kernels.bench.profile_engine --batch 1 64 --context 1024
+    python -m m1_kernels.bench.profile_engine --batch 1 64 --context 1024 [--host]
 
 Prints, per batch, the replayed CUDA graph's time and the eager step's kernels (name, calls, total and
-share of the step); with --trace DIR also writes a Chrome trace per batch.
+share of the step); with --trace DIR also writes a Chrome trace per batch. --host profiles the whole step
+instead (the engine's `_advance`, as the "ours[step]" bench case times it): wall time per step, the host's
+time in each phase, the share of the step the GPU is busy, the host calls that cost most, and every call
+that synchronises with the device (torch's sync debug mode). --prefill N profiles instead the prefill of the
+first N prompts of the RL workload (256-2048 tokens each): time, prompt tokens per second, kernels.
 """
 
 import argparse
+import math
 import os
+import time
+import warnings
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from m1_kernels.model import Engine, SamplingParams
+
 from . import cases_engine
+from .profile_case import busy_ms, host_table, kernel_table
 
 
 def _time_ms(fn, reps=20):
@@ -38,17 +48,95 @@ def profile_step(engine, B, context, trace_dir=None, top=25):
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             engine._decode_forward(bucket)
             torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"]
-    total = sum(e.device_time_total for e in kernels)
     graph = f"{graph_ms:.3f} ms" if graph_ms is not None else "no graph"
-    print(f"\nB={B} (bucket {bucket}) context {context}: graph replay {graph}, eager {eager_ms:.3f} ms, "
-          f"kernel time {total / 1e3:.3f} ms")
-    print(f"{'kernel':<90} {'calls':>6} {'total ms':>9} {'share':>6}")
-    for e in sorted(kernels, key=lambda e: -e.device_time_total)[:top]:
-        print(f"{e.key[:90]:<90} {e.count:>6} {e.device_time_total / 1e3:>9.3f} {e.device_time_total / total:>6.1%}")
+    print(f"\nB={B} (bucket {bucket}) context {context}: graph replay {graph}, eager {eager_ms:.3f} ms")
+    kernel_table(prof, top=top)
     if trace_dir:
         os.makedirs(trace_dir, exist_ok=True)
         prof.export_chrome_trace(os.path.join(trace_dir, f"decode-B{B}-ctx{context}.json"))
+
+
+def profile_host(engine, B, context, steps=40, top=15):
+    cases_engine.place_running(engine, B, context)
+    for _ in range(5):
+        engine._advance()
+    torch.cuda.synchronize()
+    phases = {}
+
+    def wrap(owner, name, label):
+        inner = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                phases[label] = phases.get(label, 0.0) + time.perf_counter() - t0
+        setattr(owner, name, timed)                 # an instance attribute over the method; deleted below
+        return owner, name
+
+    wrapped = [wrap(engine.scheduler, "schedule", "schedule"), wrap(engine, "_run_device_ops", "cache ops"),
+               wrap(engine, "_decode", "decode launch"), wrap(engine, "_draw", "draw launch"),
+               wrap(engine, "_collect", "collect (wait + book)")]
+    try:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine._advance()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps * 1e3
+    finally:
+        for owner, name in wrapped:
+            delattr(owner, name)
+    print(f"\nB={B} context {context}: whole step {wall:.3f} ms (wall, {steps} steps); host time per step:")
+    for label, seconds in phases.items():
+        print(f"  {label:<24} {seconds / steps * 1e3:8.3f} ms")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(3):
+                engine._advance()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sync_calls = sorted({f"{w.filename}:{w.lineno}: {str(w.message)[:100]}" for w in caught
+                         if "prototype" not in str(w.message)})      # not torch's notice about the mode itself
+    print(f"  synchronising calls in 3 steps: {len(sync_calls) or 'none'}")
+    for line in sync_calls:
+        print(f"    {line}")
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            engine._advance()
+        torch.cuda.synchronize()
+    busy = busy_ms(prof) / 10
+    print(f"  GPU busy {busy:.3f} ms per step ({busy / wall:.0%} of the step's wall time)")
+    host_table(prof, 10, top)
+
+
+def profile_prefill(device, count, top=25):
+    """Prefill of the first `count` prompts of the RL workload (one token drawn each), profiled: wall time,
+    prompt tokens per second, GPU busy share and the kernels by GPU time."""
+    model = cases_engine._models(device)["hybrid"]
+    lengths = cases_engine._sizes(device)["rl"]["lengths"]
+    prompts = cases_engine._rl_prompts(model.config.vocab_size, 64, lengths)[:count]
+    engine = Engine(model, max_num_seqs=64, max_model_len=lengths[1] + 64, enable_prefix_caching=False,
+                    num_pages=64 * math.ceil((lengths[1] + 64) / 16))
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+    engine.generate(prompts, params)                      # tunes and compiles
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    engine.generate(prompts, params)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) * 1e3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        engine.generate(prompts, params)
+        torch.cuda.synchronize()
+    tokens = sum(map(len, prompts))
+    busy = busy_ms(prof)
+    print(f"\nprefill of {count} prompts, {tokens} tokens ({engine.stats['steps'] // 3} steps): {wall:.1f} ms, "
+          f"{tokens / wall * 1e3:.0f} tokens/s; GPU busy {busy:.1f} ms ({busy / wall:.0%})")
+    kernel_table(prof, top=top)
 
 
 def main(argv=None):
@@ -56,15 +144,24 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--trace", help="folder for Chrome traces")
+    parser.add_argument("--host", action="store_true", help="profile the whole step (host and device)")
+    parser.add_argument("--prefill", type=int, metavar="PROMPTS",
+                        help="profile the prefill of this many of the RL workload's prompts instead")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("profile_engine needs a CUDA device")
     device = torch.device("cuda")
+    if args.prefill:
+        profile_prefill(device, args.prefill)
+        return
     sizes = dict(cases_engine._sizes(device), batches=tuple(sorted(set(args.batch))),
                  contexts=(args.context,))
     engine = cases_engine._decode_engine(device, sizes)
     for B in args.batch:
-        profile_step(engine, B, args.context, args.trace)
+        if args.host:
+            profile_host(engine, B, args.context)
+        else:
+            profile_step(engine, B, args.context, args.trace)
 
 
 if __name__ == "__main__":
