@@ -7,8 +7,9 @@ Prints, per batch, the replayed CUDA graph's time and the eager step's kernels (
 share of the step); with --trace DIR also writes a Chrome trace per batch. --host profiles the whole step
 instead (the engine's `_advance`, as the "ours[step]" bench case times it): wall time per step, the host's
 time in each phase, the share of the step the GPU is busy, the host calls that cost most, and every call
-that synchronises with the device (torch's sync debug mode). --prefill N profiles instead the prefill of the
-first N prompts of the RL workload (256-2048 tokens each): time, prompt tokens per second, kernels.
+that synchronises with the device (torch's sync debug mode). --generate N [--max-tokens M] profiles instead
+engine.generate on the first N prompts of the RL workload (256-2048 tokens each), M greedy tokens each (M = 1:
+the prefill; N = M = 64: the bench's reduced workload): time, GPU busy share, kernels.
 """
 
 import argparse
@@ -114,16 +115,19 @@ def profile_host(engine, B, context, steps=40, top=15):
     host_table(prof, 10, top)
 
 
-def profile_prefill(device, count, top=25):
-    """Prefill of the first `count` prompts of the RL workload (one token drawn each), profiled: wall time,
-    prompt tokens per second, GPU busy share and the kernels by GPU time."""
+def profile_generate(device, count, max_tokens, top=25):
+    """engine.generate of the first `count` prompts of the RL workload, `max_tokens` greedy tokens each (1: the
+    prefill alone; 64 prompts and 64 tokens: the bench's reduced workload), profiled: wall time, steps, prompt
+    tokens per second, the GPU's busy share (what is left is host-bound) and the kernels by GPU time."""
     model = cases_engine._models(device)["hybrid"]
     lengths = cases_engine._sizes(device)["rl"]["lengths"]
     prompts = cases_engine._rl_prompts(model.config.vocab_size, 64, lengths)[:count]
-    engine = Engine(model, max_num_seqs=64, max_model_len=lengths[1] + 64, enable_prefix_caching=False,
-                    num_pages=64 * math.ceil((lengths[1] + 64) / 16))
-    params = SamplingParams(temperature=0.0, max_tokens=1)
-    engine.generate(prompts, params)                      # tunes and compiles
+    max_len = lengths[1] + max_tokens
+    engine = Engine(model, max_num_seqs=count, max_model_len=max_len, enable_prefix_caching=False,
+                    num_pages=count * math.ceil(max_len / 16) + 64 * 16)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    engine.generate(prompts, params)                      # compiles and tunes for these shapes
+    steps = engine.stats["steps"]
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     engine.generate(prompts, params)
@@ -134,8 +138,9 @@ def profile_prefill(device, count, top=25):
         torch.cuda.synchronize()
     tokens = sum(map(len, prompts))
     busy = busy_ms(prof)
-    print(f"\nprefill of {count} prompts, {tokens} tokens ({engine.stats['steps'] // 3} steps): {wall:.1f} ms, "
-          f"{tokens / wall * 1e3:.0f} tokens/s; GPU busy {busy:.1f} ms ({busy / wall:.0%})")
+    print(f"\ngenerate of {count} prompts ({tokens} prompt tokens), {max_tokens} tokens each: {steps} steps, "
+          f"{wall:.1f} ms ({tokens / wall * 1e3:.0f} prompt tokens/s); GPU busy {busy:.1f} ms of the profiled "
+          f"call ({busy / wall:.0%} of the unprofiled one)")
     kernel_table(prof, top=top)
 
 
@@ -145,14 +150,15 @@ def main(argv=None):
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--trace", help="folder for Chrome traces")
     parser.add_argument("--host", action="store_true", help="profile the whole step (host and device)")
-    parser.add_argument("--prefill", type=int, metavar="PROMPTS",
-                        help="profile the prefill of this many of the RL workload's prompts instead")
+    parser.add_argument("--generate", type=int, metavar="PROMPTS",
+                        help="profile generate on this many of the RL workload's prompts instead")
+    parser.add_argument("--max-tokens", type=int, default=1, help="greedy tokens per prompt for --generate")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("profile_engine needs a CUDA device")
     device = torch.device("cuda")
-    if args.prefill:
-        profile_prefill(device, args.prefill)
+    if args.generate:
+        profile_generate(device, args.generate, args.max_tokens)
         return
     sizes = dict(cases_engine._sizes(device), batches=tuple(sorted(set(args.batch))),
                  contexts=(args.context,))
