@@ -290,7 +290,7 @@ def rl_workload(device) -> dict:
 
     def hf_generate(group, **kwargs):
         """Generated tokens of `group` (left-padded, as transformers generates), each row up to and with its
-        first stop token."""
+        first stop token when the stop tokens end rows (eos_token_id)."""
         width = max(map(len, group))
         ids = torch.zeros(len(group), width, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -299,7 +299,9 @@ def rl_workload(device) -> dict:
             mask[i, width - len(p):] = 1
         with torch.no_grad():
             new = hf.generate(ids.to(device), attention_mask=mask.to(device), pad_token_id=0, **kwargs)[:, width:]
-        stopped = torch.isin(new, torch.tensor(stops, device=new.device))
+        if "eos_token_id" not in kwargs:
+            return new.numel()
+        stopped = torch.isin(new, torch.tensor(kwargs["eos_token_id"], device=new.device))
         first = torch.where(stopped.any(1), stopped.int().argmax(1) + 1, new.shape[1])
         return int(first.sum())
 
