@@ -33,10 +33,12 @@ def _our_backends(op, device):
 
 
 def _prefill_case(device, name, B, T, H, D, dtype, backward, slope, cu_seqlens, torch_peer, params,
-                  initial_states=False):
+                  initial_states=False, cuda_graph=False):
     """One prefill case (fixed-length or packed): ours per backend, fla chunk, the torch backend. With
     initial_states, every sequence starts from a given fp32 state (a serving prefill continuing cached
-    states, a packed training batch of continued sequences); its gradient is taken too."""
+    states, a packed training batch of continued sequences); its gradient is taken too. With cuda_graph,
+    timed as replays of a CUDA graph: the GPU time, without the host's launch work, which short calls
+    are bound by when timed alone (bench/NOTES.md, session 9)."""
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
 
     def make():
@@ -67,16 +69,18 @@ def _prefill_case(device, name, B, T, H, D, dtype, backward, slope, cu_seqlens, 
                                                           cu_seqlens=cu64)[0])
     io = B * T * H * 4 * D * (torch.finfo(dtype).bits // 8)            # q, k, v read; o written
     io += N * H * D * D * 4 if initial_states else 0                    # the initial states read
-    return Case("lightning prefill", name, make, impls, bytes=io * (3 if backward else 1),
+    return Case("lightning prefill", name + (" (graph)" if cuda_graph else ""), make, impls,
+                bytes=io * (3 if backward else 1), cuda_graph=cuda_graph,
                 params=dict(params, H=H, D=D, T=T, dtype=str(dtype), backward=backward,
-                            initial_states=initial_states))
+                            initial_states=initial_states, graph=cuda_graph))
 
 
-def prefill_cases(device, B, H, D, T, dtype, backward=False, layer=0, torch_peer=True):
+def prefill_cases(device, B, H, D, T, dtype, backward=False, layer=0, torch_peer=True, cuda_graph=False):
     mode = "fwd+bwd" if backward else "fwd"
     name = f"{mode} B{B} H{H} D{D} T{T} {str(dtype).removeprefix('torch.')}"
     slope = lightning_ops.slopes(H, layer, LAYERS, device=device)
-    return _prefill_case(device, name, B, T, H, D, dtype, backward, slope, None, torch_peer, dict(B=B))
+    return _prefill_case(device, name, B, T, H, D, dtype, backward, slope, None, torch_peer, dict(B=B),
+                         cuda_graph=cuda_graph)
 
 
 def varlen_case(device, H, D, lengths, dtype=torch.bfloat16, backward=False, initial_states=False, torch_peer=True):
@@ -145,4 +149,7 @@ def cases(device):
         out += [varlen_case(device, H, D, lengths, backward=bwd, initial_states=True, torch_peer=False)
                 for bwd in (False, True)]
     out += [decode_case(device, B, heads, D) for heads in (H, H_TP8) for B in (16, 64, 128, 256)]
+    # The short cases once more from CUDA graphs (GPU time); last, as a peer that cannot be captured fails here.
+    out += [prefill_cases(device, 1, H, D, T, torch.bfloat16, backward=bwd, torch_peer=False, cuda_graph=True)
+            for T in (2048, 4096) for bwd in (False, True)]
     return out
