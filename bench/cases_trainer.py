@@ -7,9 +7,8 @@ Ours twice: as shipped (each K tile's 16-bit products summed in a fresh accumula
 accurate as the engine's head) and with trainer.triton_logprobs.RUNNING_ACCUMULATOR (the products accumulate in
 place, faster, with 2.5-6x the fp32 matmul's rounding error on Hopper): the trade-off measured in one run.
 
-Ours once more as "ours[one-pass loss]": trainer.fused_head_loss with a CISPO loss (clip(r, max 1.28) A log p,
-token-normalised; written out rather than through policy_loss, whose metrics read the mask on the host once per
-call), whose gradients are formed in the forward: the logits are computed once, 6 N H V FLOPs where the rows
+Ours once more as "ours[one-pass loss]": trainer.fused_head_loss with the trainer's CISPO loss (policy_loss,
+eps_high 0.28, token-normalised), whose gradients are formed in the forward: the logits are computed once, 6 N H V FLOPs where the rows
 above do 8 (forward, then recomputed in the backward). Its upstream gradient is the loss's instead of a random
 one; the work is the same.
 
@@ -31,7 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from m1_kernels.trainer import fused_head_loss, fused_logprobs
+from m1_kernels.trainer import fused_head_loss, fused_logprobs, policy_loss
 from m1_kernels.trainer.logprobs import triton_logprobs
 
 from .harness import Case
@@ -74,11 +73,11 @@ def _ours(backend):
 def _one_pass_cispo(backend):
     """fused_head_loss with a CISPO loss on the inputs' old log-probs and advantages; (log p, gradients)."""
     def call(x):
-        old, adv, n = x["old_logprobs"], x["advantages"], x["targets"].shape[0]
+        old, adv = x["old_logprobs"][None], x["advantages"][None]      # one row of N tokens
+        mask = torch.ones_like(old, dtype=torch.bool)
 
         def cispo(logp):
-            weight = torch.exp(logp - old).clamp(max=1.28).detach()
-            return -(weight * adv * logp).sum() / n
+            return policy_loss(logp[None], old, adv, mask, method="cispo", eps_high=0.28)[0]
         loss, logp, _ = fused_head_loss(x["hidden"], x["weight"], x["targets"], cispo, backend=backend)
         return logp, torch.autograd.grad(loss, [x["hidden"], x["weight"]])
     return call

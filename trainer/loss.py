@@ -151,7 +151,6 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, method: str = "cisp
         n = tokens_here.clamp(min=1).float()
         outside = (below | above) & mask
         empty = tokens_here == 0          # where-reductions, not ratio[mask]: indexing by a mask waits for the GPU
-        inf = torch.full_like(ratio, float("inf"))
         metrics = {
             "clipped_fraction": outside.sum() / n,
             "clipped_low_fraction": (below & mask).sum() / n,
@@ -160,8 +159,8 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, method: str = "cisp
             # CISPO's gradient in logprobs is -r^ A, PPO-clip's is -r A (or 0 when masked): equal iff A = 0 or r = r^.
             "cispo_ppo_differ_fraction": (outside & (adv != 0)).sum() / n,
             "ratio_mean": torch.where(mask, ratio, 0.0).sum() / n,
-            "ratio_min": torch.where(empty, 1.0, torch.where(mask, ratio, inf).amin()),
-            "ratio_max": torch.where(empty, 1.0, torch.where(mask, ratio, -inf).amax()),
+            "ratio_min": torch.where(empty, 1.0, torch.where(mask, ratio, float("inf")).amin()),
+            "ratio_max": torch.where(empty, 1.0, torch.where(mask, ratio, float("-inf")).amax()),
             "tokens": tokens_here,
         }
     return loss, metrics
