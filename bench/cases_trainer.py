@@ -10,7 +10,9 @@ place, faster, with 2.5-6x the fp32 matmul's rounding error on Hopper): the trad
 Ours once more as "ours[one-pass loss]": trainer.fused_head_loss with the trainer's CISPO loss (policy_loss,
 eps_high 0.28, token-normalised), whose gradients are formed in the forward: the logits are computed once, 6 N H V FLOPs where the rows
 above do 8 (forward, then recomputed in the backward). Its upstream gradient is the loss's instead of a random
-one; the work is the same.
+one; the work is the same. Its default logits GEMM on the GPU is cuBLAS in slices of the hidden width (each its
+own accumulator, added in fp32); "triton logits" is the same pass with the fused logits kernel of the rows
+above ("ours[one-pass, triton logits]"): the rate against the error.
 
 Peers: the fp32 head in plain PyTorch (the M1 report's fix: hidden and weight converted to fp32, [N, V] fp32
 logits, log_softmax) and the bf16 head in plain PyTorch (bf16 logits, log_softmax in fp32). The fp32 head is
@@ -70,7 +72,7 @@ def _ours(backend):
     return forward
 
 
-def _one_pass_cispo(backend):
+def _one_pass_cispo(backend, logits_gemm=None):
     """fused_head_loss with a CISPO loss on the inputs' old log-probs and advantages; (log p, gradients)."""
     def call(x):
         old, adv = x["old_logprobs"][None], x["advantages"][None]      # one row of N tokens
@@ -78,7 +80,8 @@ def _one_pass_cispo(backend):
 
         def cispo(logp):
             return policy_loss(logp[None], old, adv, mask, method="cispo", eps_high=0.28)[0]
-        loss, logp, _ = fused_head_loss(x["hidden"], x["weight"], x["targets"], cispo, backend=backend)
+        loss, logp, _ = fused_head_loss(x["hidden"], x["weight"], x["targets"], cispo, backend=backend,
+                                        logits_gemm=logits_gemm)
         return logp, torch.autograd.grad(loss, [x["hidden"], x["weight"]])
     return call
 
@@ -126,6 +129,8 @@ def _calls(device, N):
     if device.type == "cuda":
         impls["ours[triton] running acc"] = _fwd_bwd(_ours("triton"), running_accumulator=True)
     impls["ours[one-pass loss]"] = _one_pass_cispo(ours)
+    if device.type == "cuda":
+        impls["ours[one-pass, triton logits]"] = _one_pass_cispo("triton", "triton")
     impls["bf16 head (torch)"] = _fwd_bwd(_plain_head(torch.bfloat16))
     if device.type != "cuda" or N <= 8192:
         impls["fp32 head (torch)"] = _fwd_bwd(_plain_head(torch.float32))

@@ -8,9 +8,10 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from m1_kernels.dispatch import backend_error
 from m1_kernels.trainer import fused_head_loss, fused_logprobs, policy_loss
 from m1_kernels.trainer.config import TrainerConfig
 from m1_kernels.trainer.head_loss import BACKENDS
@@ -23,6 +24,10 @@ from numerics import ATOL, DEVICE, assert_within_2x, max_err, nan_filled_outputs
 CPU_DTYPES = [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.float32, torch.float16)]
 GPU_DTYPES = CPU_DTYPES + [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)]
 NAMES = [b.name for b in BACKENDS]
+# (backend, logits_gemm): the triton backend with each logits GEMM; "cublas" takes a 16-bit hidden of the weight's
+# dtype (on the CPU fp32 copies stand in for cuBLAS: the slicing and the fp32 sums of the pieces are tested).
+MODES = [("triton", "triton"), ("triton", "cublas"), ("torch", None)]
+MODE_IDS = ["triton", "triton-cublas", "torch"]
 # Log-ratios log(pi / pi_old) of the problems: away from the clip edges log(0.8) and log(1.28), where a rounding
 # of log p could flip a token between PPO's branches (a jump in the gradient, not an error).
 LOG_RATIOS = [-0.6, -0.3, -0.1, 0.0, 0.1, 0.3, 0.6]
@@ -84,7 +89,7 @@ def weights(N, H, V, h_dtype, w_dtype, seed, device=DEVICE):
 
 
 def check_against_float64(backend, B, T, H, V, h_dtype, w_dtype, seed, chunk_rows, settings,
-                          per_token_advantages=False):
+                          per_token_advantages=False, logits_gemm=None):
     mask, targets, advantages, log_ratio = policy_problem(B, T, V, seed, per_token_advantages)
     N = int(mask.sum())
     hidden, weight = weights(N, H, V, h_dtype, w_dtype, seed)
@@ -95,7 +100,7 @@ def check_against_float64(backend, B, T, H, V, h_dtype, w_dtype, seed, chunk_row
     ref_loss, ref_logp, ref_entropy, ref_dh, ref_dw = grads_of(loss_fn, hidden, weight, targets, torch.float64)
     with nan_filled_outputs():
         loss, logp, entropy = fused_head_loss(hidden, weight, targets, loss_fn, return_entropy=True, backend=backend,
-                                              chunk_rows=chunk_rows)
+                                              chunk_rows=chunk_rows, logits_gemm=logits_gemm)
         dh, dw = torch.autograd.grad(loss, [hidden, weight])
     assert loss.dtype == logp.dtype == entropy.dtype == torch.float32 and loss.dim() == 0
     assert not logp.requires_grad and not entropy.requires_grad
@@ -125,19 +130,21 @@ SETTINGS = [dict(method=m, normalization=n) for m in METHODS if m != "grpo"
             for n in ("token", "sequence", "sample_and_token")] + [dict(method="grpo")]
 
 
-@pytest.mark.parametrize("backend", NAMES)
+@pytest.mark.parametrize("backend, logits_gemm", MODES, ids=MODE_IDS)
 @given(dtypes=st.sampled_from(CPU_DTYPES if DEVICE.type == "cpu" else GPU_DTYPES),
        settings=st.sampled_from(SETTINGS), eps_low=st.sampled_from([None, 0.2]),
        eps_high=st.sampled_from([None, 0.28]), counts=st.booleans(), per_token_advantages=st.booleans(),
        B=st.integers(1, 4), T=st.integers(1, 9), H=st.sampled_from([1, 8, 17, 40]), V=st.integers(1, 130),
        chunk_rows=st.sampled_from([None, 1, 3, 7]), seed=st.integers(0, 99))
-def test_loss_and_gradients_against_float64(backend, dtypes, settings, eps_low, eps_high, counts,
+def test_loss_and_gradients_against_float64(backend, logits_gemm, dtypes, settings, eps_low, eps_high, counts,
                                             per_token_advantages, B, T, H, V, chunk_rows, seed):
     require_backend(backend, NAMES)
+    assume(logits_gemm != "cublas" or dtypes[0] == dtypes[1] != torch.float32)
     # counts: the mini-batch's global token / sequence counts (a trainer's micro-batches), not this call's.
     settings = dict(settings, eps_low=eps_low, eps_high=eps_high,
                     **(dict(num_tokens=B * T + 3, num_sequences=B + 2) if counts else {}))
-    check_against_float64(backend, B, T, H, V, *dtypes, seed, chunk_rows, settings, per_token_advantages)
+    check_against_float64(backend, B, T, H, V, *dtypes, seed, chunk_rows, settings, per_token_advantages,
+                          logits_gemm)
 
 
 @pytest.mark.parametrize("backend", NAMES)
@@ -262,6 +269,13 @@ def test_bad_inputs():
         fused_head_loss(hidden, weight, targets, ok, return_entropy=1)
     with pytest.raises(ValueError, match="not a backend"):
         fused_head_loss(hidden, weight, targets, ok, backend="cuda-graph")
+    with pytest.raises(ValueError, match="logits_gemm must be None or one of"):
+        fused_head_loss(hidden, weight, targets, ok, logits_gemm="cutlass")
+    with pytest.raises(ValueError, match="logits_gemm='triton' applies to the triton backend"):
+        fused_head_loss(hidden, weight, targets, ok, backend="torch", logits_gemm="triton")
+    if backend_error("triton", hidden.device) is None:
+        with pytest.raises(ValueError, match="logits_gemm='cublas' needs a 16-bit hidden"):
+            fused_head_loss(hidden, weight, targets, ok, backend="triton", logits_gemm="cublas")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -272,11 +286,14 @@ def rel_err(x, ref):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("h_dtype", [torch.bfloat16, torch.float32], ids=["bf16-hidden", "fp32-hidden"])
-def test_gpu_bf16_medium_against_float64_and_the_two_pass_path(h_dtype):
+@pytest.mark.parametrize("h_dtype, logits_gemm", [(torch.bfloat16, "triton"), (torch.float32, "triton"),
+                                                  (torch.bfloat16, "cublas")],
+                         ids=["bf16-hidden", "fp32-hidden", "bf16-hidden-cublas"])
+def test_gpu_bf16_medium_against_float64_and_the_two_pass_path(h_dtype, logits_gemm):
     """2048 tokens, hidden 1024, vocabulary 32003, a bf16 weight, CISPO over 4 chunks: log-probs within 1e-5 of
-    float64 and of fused_logprobs's; gradients within 2x of the bf16 head's error, d hidden as accurate as
-    the two-pass path's, d weight within sqrt(chunks) of its error (one rounding per chunk)."""
+    float64 and of fused_logprobs's (cuBLAS's logits: 5e-5); gradients within 2x of the bf16 head's error,
+    d hidden as accurate as the two-pass path's, d weight within sqrt(chunks) of its error (one rounding per
+    chunk at most)."""
     N, H, V, chunk = 2048, 1024, 32003, 512
     mask = torch.ones(8, N // 8, dtype=torch.bool, device=DEVICE)
     g = torch.Generator().manual_seed(0)
@@ -289,11 +306,12 @@ def test_gpu_bf16_medium_against_float64_and_the_two_pass_path(h_dtype):
     loss_fn = make_loss_fn(mask, scatter(mask, (ref_logp - log_ratio).float()), advantages, method="cispo",
                            eps_high=0.28)
     ref_loss, ref_logp, _, ref_dh, ref_dw = grads_of(loss_fn, hidden, weight, targets, torch.float64)
-    loss, logp, _ = fused_head_loss(hidden, weight, targets, loss_fn, chunk_rows=chunk)
+    loss, logp, _ = fused_head_loss(hidden, weight, targets, loss_fn, chunk_rows=chunk, logits_gemm=logits_gemm)
     dh, dw = torch.autograd.grad(loss, [hidden, weight])
     logp2 = fused_logprobs(hidden, weight, targets)
     dh2, dw2 = torch.autograd.grad(loss_fn(logp2), [hidden, weight])
-    assert max_err(logp, ref_logp) <= 1e-5 and max_err(logp, logp2) <= 1e-5
+    tol = 1e-5 if logits_gemm == "triton" else 5e-5
+    assert max_err(logp, ref_logp) <= tol and max_err(logp, logp2) <= tol
     assert abs(loss.item() - ref_loss.item()) <= 1e-5 * max(1.0, abs(ref_loss.item()))
     _, _, _, base_dh, base_dw = grads_of(loss_fn, hidden, weight, targets, torch.bfloat16)
     assert_within_2x("d hidden", dh, ref_dh, base_dh, atol=ATOL[torch.bfloat16])
@@ -304,7 +322,8 @@ def test_gpu_bf16_medium_against_float64_and_the_two_pass_path(h_dtype):
 
 @pytest.mark.gpu
 @pytest.mark.xdist_group("large_memory")
-def test_gpu_real_shape_error_and_memory():
+@pytest.mark.parametrize("logits_gemm", ["triton", "cublas"])
+def test_gpu_real_shape_error_and_memory(logits_gemm):
     """8192 tokens, hidden 6144, vocabulary 200064, bf16, a CISPO loss: log-prob error at most 1e-4 against
     float64 on 256 rows, finite gradients, and at most 1 GiB (plus 64 MiB of small buffers) allocated beyond the
     inputs and the two gradients."""
@@ -315,12 +334,13 @@ def test_gpu_real_shape_error_and_memory():
     mask = torch.ones(1, N, dtype=torch.bool, device=DEVICE)
     advantages = torch.randn(1, N, device=DEVICE)
     loss_fn = make_loss_fn(mask, torch.full((1, N), -12.0, device=DEVICE), advantages, method="cispo")
-    torch.autograd.grad(fused_head_loss(hidden, weight, targets, loss_fn)[0], [hidden, weight])
+    torch.autograd.grad(fused_head_loss(hidden, weight, targets, loss_fn, logits_gemm=logits_gemm)[0],
+                        [hidden, weight])
     # (a first call: its autotuning's trial buffers are not the steady state measured below)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    loss, logp, _ = fused_head_loss(hidden, weight, targets, loss_fn)
+    loss, logp, _ = fused_head_loss(hidden, weight, targets, loss_fn, logits_gemm=logits_gemm)
     dh, dw = torch.autograd.grad(loss, [hidden, weight])
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before - dh.numel() * 2 - dw.numel() * 2

@@ -52,8 +52,10 @@ DZ_BUDGET_BYTES = 256 << 20
 # Columns one forward program covers (the same for every config, so the partial buffers have one size); the
 # backward's chunk widths and row blocks are multiples of the largest tiles.
 COLUMNS_PER_PROGRAM = 64 if INTERPRETED else 2048
-# Columns of one program of the elementwise dz kernel (trainer.head_loss).
+# Columns of one program of the elementwise dz kernel, and of one step of the stats kernel, which covers
+# STATS_COLUMNS of a row (trainer.head_loss).
 DZ_BLOCK = 64 if INTERPRETED else 4096
+STATS_COLUMNS = 4 * DZ_BLOCK if INTERPRETED else 16 * DZ_BLOCK
 COLUMN_ALIGN, ROW_ALIGN = (32, 16) if INTERPRETED else (256, 128)
 # Below this many multiply-adds a call takes microseconds: one config, no autotuning (the tests draw many shapes).
 TUNE_MIN_MACS = 1 << 32
@@ -218,6 +220,45 @@ def _dz_from_logits_kernel(z_ptr, lse_ptr, g_ptr, tgt_ptr, dz_ptr, V, stride_z, 
     tl.store(dz_ptr + row * stride_dz + cols, dz.to(dz_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _logits_stats_kernel(z_ptr, tgt_ptr, part_m_ptr, part_s_ptr, part_t_ptr, zt_ptr, N, V, stride_z,
+                         WITH_ENTROPY: tl.constexpr, COLUMNS: tl.constexpr, BLOCK: tl.constexpr):
+    """The forward kernel's partial (m, s, t) and target logit, from stored fp32 logits: program (row, group)
+    reads z[row, group * COLUMNS:][:COLUMNS] in BLOCK-wide pieces (trainer.head_loss's cuBLAS logits)."""
+    row = tl.program_id(0)
+    group = tl.program_id(1)
+    target = tl.load(tgt_ptr + row).to(tl.int32)
+    m = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)    # per lane; merged across lanes at the end
+    s = tl.zeros((BLOCK,), dtype=tl.float32)
+    t = tl.zeros((BLOCK,), dtype=tl.float32)
+    z_target = tl.zeros((BLOCK,), dtype=tl.float32)
+    found = tl.zeros((BLOCK,), dtype=tl.int32)
+    first = group * COLUMNS
+    for c0 in range(first, tl.minimum(first + COLUMNS, V), BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        ok = cols < V
+        z = tl.load(z_ptr + row.to(tl.int64) * stride_z + cols, mask=ok, other=float("-inf"))
+        new_m = tl.maximum(m, z)
+        shift = tl.where(new_m == float("-inf"), 0.0, new_m)     # a lane with no column yet: all terms 0
+        alpha = tl.exp(m - shift)
+        e = tl.exp(z - shift)
+        s = s * alpha + e
+        if WITH_ENTROPY:
+            t = t * alpha + e * tl.where(ok, z, 0.0)
+        m = new_m
+        hit = cols == target
+        z_target += tl.where(hit, z, 0.0)
+        found += hit.to(tl.int32)
+    tl.store(zt_ptr + row, tl.sum(z_target, axis=0), mask=tl.sum(found, axis=0) > 0)
+    top = tl.max(m, axis=0)
+    scale = tl.exp(m - top)
+    out = group * N + row
+    tl.store(part_m_ptr + out, top)
+    tl.store(part_s_ptr + out, tl.sum(s * scale, axis=0))
+    if WITH_ENTROPY:
+        tl.store(part_t_ptr + out, tl.sum(t * scale, axis=0))
+
+
 @triton.autotune(configs=TILE_CONFIGS, key=["N_BUCKET", "K_BUCKET", "V_TOTAL", "PIECES", "ACCUMULATE"],
                  prune_configs_by={"early_config_prune": autotune_prune(_prune)}, cache_results=True,
                  restore_value=["c_ptr"])   # timing the configs must not accumulate into c several times
@@ -276,18 +317,32 @@ def _grid_2d(rows, cols):
     return lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]) * triton.cdiv(cols, meta["BLOCK_V"]),)
 
 
+def _partials(N, groups, with_entropy, device):
+    """(part_m, part_s, part_t, z_target) of a forward: per column group and row, and the target logits (NaN until
+    found: a target outside [0, V) matches no column, so its log-prob stays NaN instead of a plausible number)."""
+    part_m = torch.empty(groups, N, dtype=torch.float32, device=device)
+    part_s = torch.empty_like(part_m)
+    part_t = torch.empty_like(part_m) if with_entropy else part_m      # unused without entropy
+    return part_m, part_s, part_t, torch.full((N,), float("nan"), dtype=torch.float32, device=device)
+
+
+def _combine(part_m, part_s, part_t, z_target, with_entropy):
+    """(log p, entropy or [0], lse) from the column groups' partials (module docstring)."""
+    top = part_m.max(dim=0).values
+    scale = torch.exp(part_m - top)
+    total = (part_s * scale).sum(dim=0)
+    lse = top + torch.log(total)
+    entropy = lse - (part_t * scale).sum(dim=0) / total if with_entropy else lse.new_empty(0)
+    return z_target - lse, entropy, lse
+
+
 def forward(hidden, weight, targets, with_entropy, z=None):
     """(log p [N], entropy [N] or [0], lse [N]), all fp32; a given z ([N, V] fp32, unit column stride) receives
     the logits (trainer.head_loss)."""
     N, H = hidden.shape
     V = weight.shape[0]
-    device = hidden.device
     groups = triton.cdiv(V, COLUMNS_PER_PROGRAM)
-    part_m = torch.empty(groups, N, dtype=torch.float32, device=device)
-    part_s = torch.empty_like(part_m)
-    part_t = torch.empty_like(part_m) if with_entropy else part_m      # unused without entropy
-    # A target outside [0, V) matches no column: its log-prob stays NaN instead of a plausible number.
-    z_target = torch.full((N,), float("nan"), dtype=torch.float32, device=device)
+    part_m, part_s, part_t, z_target = _partials(N, groups, with_entropy, hidden.device)
     if N == 0:
         return z_target, z_target.new_empty(N if with_entropy else 0), z_target.clone()
     _forward_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * groups,)](
@@ -295,12 +350,20 @@ def forward(hidden, weight, targets, with_entropy, z=None):
         hidden.stride(0), weight.stride(0), 0 if z is None else z.stride(0), _bucket(N), _bucket(H),
         WITH_ENTROPY=with_entropy, STORE_Z=z is not None, PIECES=_pieces(hidden.dtype, weight.dtype),
         FP32_DOT=weight.dtype == torch.float32, RUNNING_ACC=RUNNING_ACCUMULATOR, COLUMNS=COLUMNS_PER_PROGRAM)
-    top = part_m.max(dim=0).values
-    scale = torch.exp(part_m - top)
-    total = (part_s * scale).sum(dim=0)
-    lse = top + torch.log(total)
-    entropy = lse - (part_t * scale).sum(dim=0) / total if with_entropy else lse.new_empty(0)
-    return z_target - lse, entropy, lse
+    return _combine(part_m, part_s, part_t, z_target, with_entropy)
+
+
+def logits_stats(z, targets, with_entropy):
+    """forward's (log p, entropy or [0], lse) from given fp32 logits z [n, V] (unit column stride)."""
+    n, V = z.shape
+    groups = triton.cdiv(V, STATS_COLUMNS)
+    part_m, part_s, part_t, z_target = _partials(n, groups, with_entropy, z.device)
+    if n == 0:
+        return z_target, z_target.new_empty(n if with_entropy else 0), z_target.clone()
+    _logits_stats_kernel[(n, groups)](z, targets, part_m, part_s, part_t, z_target, n, V, z.stride(0),
+                                      WITH_ENTROPY=with_entropy, COLUMNS=STATS_COLUMNS, BLOCK=DZ_BLOCK,
+                                      num_warps=4 if INTERPRETED else 8)
+    return _combine(part_m, part_s, part_t, z_target, with_entropy)
 
 
 def _matmul(a, b, c, accumulate):
