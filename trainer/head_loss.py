@@ -30,8 +30,7 @@ from m1_kernels.validate import FLOAT_DTYPES
 from .logprobs import check_head_inputs, triton_logprobs
 
 # The largest temporaries: one chunk's fp32 logits plus one gradient block's 16-bit d logits (an fp32 d logits
-# overwrites the logits in place, and a block is then one chunk). At V = 200064: 512-row chunks, 1536-row blocks
-# (1.02 GB, plus d hidden's fp32 block of rows x H: 38 MB at H = 6144).
+# overwrites the logits in place, and a block is then one chunk). At V = 200064: 512-row chunks, 1536-row blocks.
 BUDGET_BYTES = 1 << 30
 ROW_ALIGN = 128      # default chunks hold whole 128-row tiles (the logits kernel's, cuBLAS's)
 # Chunks per gradient block: the d hidden and d weight GEMMs run once per block (see _one_pass). More chunks per
@@ -43,9 +42,6 @@ BLOCK_CHUNKS = 3
 LOGITS_GEMMS = ("triton", "cublas")
 LOGITS_GEMM = "cublas"
 LOGITS_PIECES = 2
-# d hidden = d logits @ W sums over the vocabulary: in slices of this many rows of W, each its own accumulator
-# (one cuBLAS accumulator over V = 200064 gave 1.56x the two-pass path's error), into an fp32 block of rows.
-DH_SLICE = 32768
 
 TRITON = Backend("triton", triton_logprobs, runs_on="CUDA GPUs; CPU tensors under TRITON_INTERPRET=1 (tests)",
                  dtypes=FLOAT_DTYPES, limits="hidden fp32 or the weight's dtype", custom_ops=False)
@@ -69,8 +65,9 @@ def fused_head_loss(hidden, weight, targets, loss_fn, *, return_entropy: bool = 
     mask. loss_fn is called once per chunk (with gradients) and once on all log-probs (the returned value).
 
     Gradients: d logits is rounded to the weight's dtype once (as in any 16-bit head) and multiplied with
-    cuBLAS, once per gradient block of rows. d hidden sums over the vocabulary in fp32 (slices of DH_SLICE
-    rows of the weight, one rounding to hidden's dtype; an fp32 hidden gets the fp32 sum). d weight adds up
+    cuBLAS, once per gradient block of rows. d hidden is one product over the whole vocabulary (fp32
+    accumulation, one rounding to hidden's dtype; an fp32 hidden with a 16-bit weight gets an fp32 product,
+    torch.mm's out_dtype). d weight adds up
     over the blocks in the weight's dtype (no [V, H] fp32 accumulator, which would be 4.9 GB at M1's size):
     one rounding per block, so with c blocks its error grows to about sqrt(c / 2) times a single rounding's;
     an fp32 hidden enters that product rounded to the weight's dtype, as in a 16-bit head.
@@ -201,12 +198,10 @@ def _one_pass(hidden, weight, targets, loss_fn, with_entropy, logits_gemm, chunk
             continue
         dz = dz_buf[:b1 - b0]
         if need_dh:
-            # fp32 sums over slices of the vocabulary, rounded to hidden's dtype once
-            slices = range(0, V, DH_SLICE)
-            if dh.dtype == torch.float32:
-                _sliced_mm_fp32(dz, w_op, dh[b0:b1], slices)
+            if dh.dtype == dz.dtype:
+                torch.mm(dz, w_op, out=dh[b0:b1])
             else:
-                dh[b0:b1] = _sliced_mm_fp32(dz, w_op, torch.empty(b1 - b0, H, **f32), slices)
+                dh[b0:b1] = _mm_fp32(dz, w_op, torch.empty(b1 - b0, H, **f32))
         if need_dw:
             # An fp32 hidden with a 16-bit weight: rounded to the weight's dtype here, as in a 16-bit head.
             h_op = h_all[b0:b1].to(dw.dtype)
@@ -233,7 +228,7 @@ def _chunk_rows(N, V, dz_bytes, chunk_rows):
 def _cublas_logits(h, w, z):
     """z = h @ w^T (fp32) from 16-bit h and w, over LOGITS_PIECES slices of the hidden width."""
     H = h.shape[1]
-    return _sliced_mm_fp32(h, w.T, z, sorted({H * i // LOGITS_PIECES // 8 * 8 for i in range(LOGITS_PIECES)}))
+    return _mm_fp32(h, w.T, z, sorted({H * i // LOGITS_PIECES // 8 * 8 for i in range(LOGITS_PIECES)}))
 
 
 def _call(loss_fn, logp):
@@ -256,11 +251,12 @@ def _loss_grad(loss_fn, logp):
     return g.float()
 
 
-def _sliced_mm_fp32(a, b, out, starts):
+def _mm_fp32(a, b, out, starts=(0,)):
     """out (fp32) = a @ b, the reduction dimension cut at `starts` (the first 0): each slice summed in its own
-    accumulator (cuBLAS's fp32 output of 16-bit operands on CUDA, torch.mm's out_dtype) and added to out in fp32
-    (cuBLAS's epilogue). A single tensor-core accumulator over a long reduction keeps fewer of the exact
-    products' bits (lm_head's measurement). CPU tensors: fp32 copies."""
+    accumulator (cuBLAS's fp32 output of 16-bit operands on CUDA, torch.mm's out_dtype, torch >= 2.8) and added
+    to out in fp32 (cuBLAS's epilogue). A single tensor-core accumulator over a long reduction keeps fewer of
+    the exact products' bits (lm_head's measurement). CPU tensors: fp32 copies (16-bit products are exact in
+    fp32, so the result is the same kind)."""
     ends = [*starts[1:], a.shape[1]]
     for i, (k0, k1) in enumerate(zip(starts, ends)):
         x, y = a[:, k0:k1], b[k0:k1]
