@@ -133,6 +133,9 @@ def test_activation_checkpointing_changes_nothing(tmp_path):
     (dict(samples_per_prompt=1), ValueError, "samples_per_prompt"),
     (dict(dynamic_sampling="yes"), TypeError, "dynamic_sampling"),
     (dict(updates_per_batch=1000), ValueError, "updates_per_batch"),
+    (dict(logits_gemm="cutlass"), ValueError, "logits_gemm"),
+    (dict(logits_gemm="cublas"), ValueError, "logits_gemm 'cublas' needs dtype 'bfloat16'"),
+    (dict(logits_gemm="triton", backend="torch"), ValueError, "logits_gemm applies to the triton backend"),
 ])
 def test_bad_configs_name_the_field(changes, error, field):
     with pytest.raises(error, match=field):

@@ -19,6 +19,7 @@ from .tasks import TASKS
 DTYPES = ("float32", "bfloat16")
 OLD_LOGPROBS = ("engine", "recompute")
 LOGPROBS_FROM = ("fused", "logits")
+LOGITS_GEMMS = (None, "triton", "cublas")    # trainer.head_loss's, None = its default
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -42,7 +43,9 @@ class TrainerConfig:
     batch_invariant (every sequence's forward runs alone, so its log-probs do not depend on the batch it is
     in; needs old_logprobs="recompute", which then equal the training forward's bit for bit), logprobs_from
     ("fused": final hidden states through fused_logprobs; "logits": the model's full logits, for models whose
-    root forward must run, e.g. parallelized ones), activation_checkpointing (per decoder layer).
+    root forward must run, e.g. parallelized ones), logits_gemm (the updates' one-pass head loss, see
+    trainer.fused_head_loss: "cublas" for bf16 parameters, faster; "triton", as accurate as an fp32 head; None,
+    its default), activation_checkpointing (per decoder layer).
     Optimizer: lr, betas, adam_eps, weight_decay, grad_clip (max gradient norm; 0 = off), lr_schedule
     ("constant", "linear" or "cosine" decay to min_lr_ratio * lr after warmup_steps linear warm-up steps;
     counted in optimizer steps).
@@ -79,6 +82,7 @@ class TrainerConfig:
     old_logprobs: str = "engine"
     batch_invariant: bool = False
     logprobs_from: str = "fused"
+    logits_gemm: str | None = None
     activation_checkpointing: bool = False
     lr: float = 1e-4
     betas: list = dataclasses.field(default_factory=lambda: [0.9, 0.95])
@@ -114,7 +118,7 @@ class TrainerConfig:
         for name, choices in (("dtype", DTYPES), ("task", tuple(TASKS)), ("method", METHODS),
                               ("old_logprobs", OLD_LOGPROBS), ("logprobs_from", LOGPROBS_FROM),
                               ("lr_schedule", LR_SCHEDULES), ("normalization", (None, *NORMALIZATIONS)),
-                              ("advantage_std", ADVANTAGE_STD)):
+                              ("advantage_std", ADVANTAGE_STD), ("logits_gemm", LOGITS_GEMMS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
         for name, lo in (("prompts_per_step", 1), ("samples_per_prompt", 1), ("max_new_tokens", 1), ("top_k", 0),
@@ -161,6 +165,11 @@ class TrainerConfig:
         if self.updates_per_batch > self.prompts_per_step * self.samples_per_prompt:
             raise ValueError(f"updates_per_batch ({self.updates_per_batch}) exceeds the sequences of a batch "
                              f"(prompts_per_step * samples_per_prompt = {self.prompts_per_step * self.samples_per_prompt})")
+        if self.logits_gemm == "cublas" and self.dtype != "bfloat16":
+            raise ValueError(f"logits_gemm 'cublas' needs dtype 'bfloat16' (16-bit hidden states and head), got "
+                             f"{self.dtype!r}")
+        if self.logits_gemm is not None and self.backend == "torch":
+            raise ValueError("logits_gemm applies to the triton backend; leave it null with backend 'torch'")
         if self.batch_invariant and self.old_logprobs != "recompute":
             raise ValueError("batch_invariant needs old_logprobs 'recompute' (the engine's log-probs come from "
                              "other kernels, so they cannot match the training forward bit for bit)")

@@ -299,7 +299,8 @@ class Trainer:
         hidden = self.model.model(batch.input_ids)[mask]
         loss, lp, ent = fused_head_loss(hidden, self.model.lm_head.weight, batch.targets[mask],
                                         lambda flat: policy_loss(_scatter(mask, flat), *loss_args, **loss_kw)[0],
-                                        return_entropy=True, backend=_head_backend(self.config.backend))
+                                        return_entropy=True, backend=_head_backend(self.config.backend),
+                                        logits_gemm=self.config.logits_gemm)
         return loss, _scatter(mask, lp), _scatter(mask, ent)
 
     # ------------------------------------------------------------------------------------------------
