@@ -12,6 +12,7 @@ overlaps other layers' kernels.
 import argparse
 import json
 import os
+import re
 import tempfile
 import time
 
@@ -58,6 +59,18 @@ def profile_call(fn, inputs, calls=5, top=12):
     host_table(prof, calls, top)
 
 
+def short_name(name, width=80):
+    """A kernel's name in at most `width` characters: without the namespaces of PyTorch's templates and, if still
+    longer, as its head and the functors its template names (what tells elementwise kernels apart)."""
+    for noise in ("void ", "at::native::", "(anonymous namespace)::", "c10::", "std::"):
+        name = name.replace(noise, "")
+    if len(name) <= width:
+        return name
+    functors = dict.fromkeys(re.findall(r"\w*(?:Functor|_functor|Op\b|_kernel_cuda)\w*", name))
+    short = f"{name.split('<', 1)[0]}<{', '.join(functors)}>"
+    return short if functors and len(short) <= width else name[:width - 2] + ".."
+
+
 def kernel_table(prof, calls=1, top=12):
     """The kernels by GPU time: per call of what was profiled `calls` times, and their share."""
     kernels = sorted((e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"),
@@ -65,7 +78,7 @@ def kernel_table(prof, calls=1, top=12):
     total = sum(e.device_time_total for e in kernels) or 1.0
     print(f"  {'kernel':<80} {'calls':>6} {'ms/call':>9} {'share':>6}")
     for e in kernels[:top]:
-        print(f"  {e.key[:80]:<80} {e.count / calls:>6.0f} {e.device_time_total / calls / 1e3:>9.3f} "
+        print(f"  {short_name(e.key):<80} {e.count / calls:>6.0f} {e.device_time_total / calls / 1e3:>9.3f} "
               f"{e.device_time_total / total:>6.1%}")
 
 

@@ -36,3 +36,16 @@ def test_cpu_run_writes_its_rows(tmp_path):
     assert rows and all(r["group"] == "lightning decode" for r in rows)
     assert all(r["median_ms"] > 0 for r in rows if "error" not in r)
     assert any(r["ours"] and "error" not in r for r in rows)
+
+
+def test_profile_tables_shorten_kernel_names_to_what_tells_them_apart():
+    from m1_kernels.bench.profile_case import short_name
+    mul = ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl<at::native::BinaryFunctor<"
+           "c10::BFloat16, float, c10::BFloat16, at::native::binary_internal::MulFunctor<float> > >(at::"
+           "TensorIteratorBase&, at::native::BinaryFunctor<c10::BFloat16, float, c10::BFloat16, at::native::"
+           "binary_internal::MulFunctor<float> > const&)::{lambda(int)#1}>(int, ...)")
+    assert short_name(mul) == "elementwise_kernel<BinaryFunctor, MulFunctor>"
+    assert short_name("nvjet_sm90_tst_192x192_64x3_1x2_h_badd_coopB_NTN") == \
+        "nvjet_sm90_tst_192x192_64x3_1x2_h_badd_coopB_NTN"
+    long_plain = "k" * 200
+    assert short_name(long_plain) == "k" * 78 + ".." and len(short_name(long_plain, 40)) == 40
