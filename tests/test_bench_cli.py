@@ -38,6 +38,16 @@ def test_cpu_run_writes_its_rows(tmp_path):
     assert any(r["ours"] and "error" not in r for r in rows)
 
 
+def test_trainer_report_measures_logprob_and_d_hidden_errors(tmp_path):
+    """The trainer cases' report on the CPU: every implementation's log-prob error and d hidden error against
+    float64; the fp32 paths at fp32 rounding, the bf16 head orders of magnitude worse (so the check can fail)."""
+    assert main(["--only", "trainer lm-head", "--out", str(tmp_path)]) == 0
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "cpu-x86_64-trainer_logprobs.json").read_text())["rows"]}
+    for impl in ("ours[torch]", "ours[one-pass loss]", "fp32 head (torch)"):
+        assert rows[impl]["max_logp_error"] < 1e-5 and rows[impl]["dhidden_rel_error"] < 1e-5, impl
+    assert rows["bf16 head (torch)"]["dhidden_rel_error"] > 1e-4
+
+
 def test_profile_tables_shorten_kernel_names_to_what_tells_them_apart():
     from m1_kernels.bench.profile_case import short_name
     mul = ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl<at::native::BinaryFunctor<"
