@@ -7,6 +7,9 @@ Peers: the torch._grouped_mm pipeline (our "torch" backend on CUDA bf16: softmax
 sort, torch._grouped_mm for both GEMMs, PyTorch SwiGLU, weighted combine) and, at small token counts,
 the per-expert loop of reference/moe.py.
 
+The expert MLP's four backward GEMMs are also timed one at a time at 8192 tokens ("moe backward GEMMs"),
+each against the dense matmul rate and against torch._grouped_mm's plain GEMM of the same product.
+
 Floors: FLOPs = 6 M H F for the GEMM pair (M = tokens * top_k; 3x that forward+backward) against the
 measured matmul rate, and bytes = the active experts' weights read once (plus x and y) against the
 measured copy bandwidth; the harness takes the larger, so large token counts are judged on FLOPs and
@@ -141,6 +144,53 @@ def fused_case(device, tokens, E, top_k, H, F, routing="uniform", backward=False
                                         backward=backward, active_experts=active))
 
 
+# The expert MLP's backward GEMMs on sorted rows: name -> (inputs it needs, ours(backend module, inputs),
+# the same product by torch._grouped_mm (no epilogue), multiply-adds per row over H F).
+# d[g|u] is d[gate | up] (2F columns), h = silu(gate) * up.
+BACKWARD_GEMMS = {
+    "dH = dY W_down + SwiGLU bwd": (
+        ("dy", "down", "preact"), lambda impl, i: impl.grouped_gemm_swiglu_backward(i["dy"], i["down"], i["offsets"],
+                                                                                   i["preact"]),
+        lambda i: torch._grouped_mm(i["dy"], i["down"], offs=i["offsets"][1:]), 1),
+    "dX = d[g|u] W_gate_up": (
+        ("d_preact", "gate_up"), lambda impl, i: impl.grouped_gemm(i["d_preact"], i["gate_up"], i["offsets"], "kn"),
+        lambda i: torch._grouped_mm(i["d_preact"], i["gate_up"], offs=i["offsets"][1:]), 2),
+    "dW_down = dY^T h": (
+        ("dy", "h"), lambda impl, i: impl.grouped_gemm_weight_grad(i["h"], i["dy"], i["offsets"], "nk"),
+        lambda i: torch._grouped_mm(i["dy"].t(), i["h"], offs=i["offsets"][1:]), 1),
+    "dW_gate_up = d[g|u]^T X": (
+        ("x", "d_preact"), lambda impl, i: impl.grouped_gemm_weight_grad(i["x"], i["d_preact"], i["offsets"], "nk"),
+        lambda i: torch._grouped_mm(i["d_preact"].t(), i["x"], offs=i["offsets"][1:]), 2),
+}
+
+
+def backward_gemm_inputs(names, offsets, E, H, F, device, dtype):
+    """The named operands of BACKWARD_GEMMS for rows sorted by `offsets`, plus the offsets."""
+    M = int(offsets[-1])
+    shapes = dict(x=(M, H), dy=(M, H), h=(M, F), preact=(M, 2 * F), d_preact=(M, 2 * F), gate_up=(E, 2 * F, H),
+                  down=(E, H, F))
+    out = {n: torch.randn(*shapes[n], device=device, dtype=dtype) * (H ** -0.5 if n in ("gate_up", "down") else 1)
+           for n in names}
+    out["offsets"] = offsets.to(device)
+    return out
+
+
+def backward_gemm_case(device, what, tokens, E, top_k, H, F, dtype=torch.bfloat16):
+    """One of the expert MLP's backward GEMMs alone, at uniform routing (every expert tokens * top_k / E
+    rows): its rate against the run's dense matmul rate (the FLOP floor) and torch._grouped_mm's."""
+    M = tokens * top_k
+    counts = torch.full((E,), M // E, dtype=torch.int64)
+    counts[: M % E] += 1
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
+    names, ours, peer, width = BACKWARD_GEMMS[what]
+    impls = {f"ours[{b}]": lambda i, b=b: ours(ops._impl(b), i) for b in _kernel_backends(device)}
+    impls["torch._grouped_mm"] = peer
+    return Case("moe backward GEMMs", f"{what} E{E} top{top_k} H{H} F{F} T{tokens}",
+                lambda: backward_gemm_inputs(names, offsets, E, H, F, device, dtype), impls,
+                flops=2.0 * M * H * F * width, max_sets=1,
+                params=dict(tokens=tokens, E=E, top_k=top_k, H=H, F=F, gemm=what))
+
+
 def few_token_case(device, tokens, E, top_k, H, F, dtype=torch.bfloat16, seed=0):
     """fused_moe's forward at decode sizes (no gradient): on the triton backend the few-token kernels."""
     x_cpu, gate_cpu, _, _ = _problem(tokens, E, H, 1, "uniform", "cpu", dtype, seed)
@@ -190,6 +240,7 @@ def cases(device):
     out += [gemm_pair_case(device, t, **m1, routing="skewed") for t in (64, 8192)]
     out += [gemm_pair_case(device, 8192, **tp), gemm_pair_case(device, 8192, **ep)]
     out += [gemm_pair_case(device, 8192, **m1, backward=True)]
+    out += [backward_gemm_case(device, what, 8192, **m1) for what in BACKWARD_GEMMS]
     for tokens in (64, 1024, 8192, 32768):
         out.append(fused_case(device, tokens, **m1, loop_peer=tokens <= 1024))
     out += [fused_case(device, 8192, **m1, routing="skewed"), fused_case(device, 8192, **tp),

@@ -59,3 +59,34 @@ def test_profile_tables_shorten_kernel_names_to_what_tells_them_apart():
         "nvjet_sm90_tst_192x192_64x3_1x2_h_badd_coopB_NTN"
     long_plain = "k" * 200
     assert short_name(long_plain) == "k" * 78 + ".." and len(short_name(long_plain, 40)) == 40
+
+
+@pytest.mark.parametrize("what", ["dH = dY W_down + SwiGLU bwd", "dX = d[g|u] W_gate_up", "dW_down = dY^T h",
+                                  "dW_gate_up = d[g|u]^T X"])
+def test_moe_backward_gemm_cases_time_the_backward_products(what):
+    """Each 'moe backward GEMMs' case runs the product its name says: the triton backend (interpreted here)
+    on the case's own inputs, against a per-expert float64 loop, with an empty expert among uneven ones."""
+    from m1_kernels.bench.cases_moe import BACKWARD_GEMMS, backward_gemm_inputs
+    from m1_kernels.moe_ops import triton_backend
+
+    E, H, F = 3, 32, 48
+    offsets = torch.tensor([0, 37, 37, 90], dtype=torch.int32)
+    names, ours, _, _ = BACKWARD_GEMMS[what]
+    i = backward_gemm_inputs(names, offsets, E, H, F, torch.device("cpu"), torch.float32)
+    got = ours(triton_backend, i)
+    d = {k: v.double() for k, v in i.items() if k != "offsets"}
+    parts = []
+    for e, (a, b) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        if what.startswith("dH"):
+            gate, up = d["preact"][a:b, :F], d["preact"][a:b, F:]
+            dh = d["dy"][a:b] @ d["down"][e]
+            sig = torch.sigmoid(gate)
+            parts.append(torch.cat([dh * up * sig * (1 + gate * (1 - sig)), dh * gate * sig], dim=1))
+        elif what.startswith("dX"):
+            parts.append(d["d_preact"][a:b] @ d["gate_up"][e])
+        elif what.startswith("dW_down"):
+            parts.append((d["dy"][a:b].T @ d["h"][a:b])[None])
+        else:
+            parts.append((d["d_preact"][a:b].T @ d["x"][a:b])[None])
+    want = torch.cat(parts)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)

@@ -1,7 +1,7 @@
-"""The grouped-GEMM kernel and the few-token kernels compile for Hopper (sm_90) on any machine, GPU or
-not, to what the performance design needs: cp.async multi-stage pipelines feeding wgmma for the large
-tiles, and shared memory within the 227 KB an H100 block may use. This catches GPU-only compile errors
-and a silently unpipelined K loop before the GPU run.
+"""The grouped-GEMM kernels (forward and weight gradient) and the few-token kernels compile for Hopper
+(sm_90) on any machine, GPU or not, to what the performance design needs: cp.async multi-stage
+pipelines feeding wgmma for the large tiles, and shared memory within the 227 KB an H100 block may use.
+This catches GPU-only compile errors and a silently unpipelined K loop before the GPU run.
 
 Compilation runs in a subprocess without TRITON_INTERPRET (the interpreter, which the CPU tests use,
 replaces triton.language's functions for the whole process)."""
@@ -62,7 +62,37 @@ def compile_report(regime, epilogue, layout, tma):
                                          r"ttng\.async_tma_copy_global_to_local", kernel.asm["ttgir"]))
     return dict(config=str(config), block_m=bm, shared=kernel.metadata.shared, wgmma=ops["ttng.warp_group_dot"],
                 async_copies=ops["ttg.async_copy_global_to_local"] + ops["ttng.async_tma_copy_global_to_local"],
-                tma_copies=ops["ttng.async_tma_copy_global_to_local"])
+                tma_copies=ops["ttng.async_tma_copy_global_to_local"], loads=3 if epilogue == 1 else 2)
+
+
+def wgrad_reports():
+    """Every weight-gradient config at M1's shape (dW_down: P = H, Q = F), compiled as a bf16 launch."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from m1_kernels.moe_ops.triton import grouped_gemm as G
+
+    fn = G.grouped_wgrad_kernel
+    while not isinstance(fn, triton.runtime.jit.JITFunction):
+        fn = fn.fn
+    names = fn.arg_names
+    pointers = dict(p_ptr="*bf16", q_ptr="*bf16", offsets_ptr="*i32", out_ptr="*bf16")
+    divisible = set(pointers) | {"P", "Q", "stride_pr", "stride_qr", "stride_oe", "stride_op"}
+    out = []
+    for config in G._wgrad_configs(False):
+        constexprs = dict(DOT_PRECISION="tf32", EVEN_P=True, EVEN_Q=True, stride_pc=1, stride_qc=1,
+                          stride_oq=1, **config.kwargs)
+        signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
+        src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+        ops = collections.Counter(re.findall(r"ttng\.warp_group_dot\b|ttg\.async_copy_global_to_local",
+                                             kernel.asm["ttgir"]))
+        out.append(dict(config=str(config), shared=kernel.metadata.shared, wgmma=ops["ttng.warp_group_dot"],
+                        async_copies=ops["ttg.async_copy_global_to_local"], loads=2))
+    return out
 
 
 # Few-token kernels at M1 width: every config the autotuner may try where its tiles are largest (an
@@ -152,12 +182,21 @@ def reports():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import json, sys; sys.path.insert(0, 'tests'); import test_moe_compile as t; "
             "print(json.dumps([[t.compile_report(*c) for c in t.CASES], "
-            "[t.few_token_reports(*c) for c in t.FEW_TOKEN_CASES], t.few_token_small_kernels_compile()]))")
+            "[t.few_token_reports(*c) for c in t.FEW_TOKEN_CASES], t.few_token_small_kernels_compile(), "
+            "t.wgrad_reports()]))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    grouped, few_token, small = json.loads(done.stdout.strip().splitlines()[-1])
-    return {**dict(zip(CASES, grouped)), **dict(zip(FEW_TOKEN_CASES, few_token)), "few-token small kernels": small}
+    grouped, few_token, small, wgrad = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**dict(zip(CASES, grouped)), **dict(zip(FEW_TOKEN_CASES, few_token)), "few-token small kernels": small,
+            "wgrad": wgrad}
+
+
+def assert_pipelined(r):
+    """Loads issued ahead of their iteration: a pipelined loop has a prologue of copies before it, so more
+    copies than loads per iteration (an unpipelined one waits for each load it has just issued)."""
+    assert r["async_copies"] >= 2 * r["loads"], (
+        f"{r['config']}: {r['async_copies']} async copies for {r['loads']} loads per iteration: not pipelined")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{r}-epilogue{e}-{l}-{'tma' if t else 'ptr'}" for r, e, l, t in CASES])
@@ -166,8 +205,17 @@ def test_m1_config_compiles_pipelined_for_hopper(reports, case):
     assert r["shared"] <= H100_SMEM, f"{r['config']} needs {r['shared']} B of shared memory"
     assert r["async_copies"] > 0, f"{r['config']}: the K loop is not pipelined (no cp.async / TMA)"
     assert (r["tma_copies"] > 0) == case[3], f"{r['config']}: TMA copies {r['tma_copies']} with TMA={case[3]}"
+    assert_pipelined(r)
     if r["block_m"] >= 64:
         assert r["wgmma"] > 0, f"{r['config']}: no wgmma"
+
+
+def test_weight_gradient_configs_compile_pipelined_for_hopper(reports):
+    """Every config's row loop pipelines its loads into wgmma."""
+    for r in reports["wgrad"]:
+        assert r["shared"] <= H100_SMEM, f"{r['config']} needs {r['shared']} B of shared memory"
+        assert r["wgmma"] > 0, f"{r['config']}: no wgmma"
+        assert_pipelined(r)
 
 
 @pytest.mark.parametrize("case", FEW_TOKEN_CASES, ids=[f"{k}-rows{r}" for k, r in FEW_TOKEN_CASES])
