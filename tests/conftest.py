@@ -36,6 +36,10 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one unless M1_REQUIRE_GPU=1)")
     # Used by pytest-xdist's --dist loadgroup (the GPU run): tests needing tens of GB share one worker.
     config.addinivalue_line("markers", "xdist_group(name): run in one pytest-xdist worker under --dist loadgroup")
+    # A bare `-n N` means --dist load, which ignores the groups: on one GPU the large tests then run side by
+    # side and fail with out-of-memory errors. Groups are always honoured.
+    if getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "loadgroup"
     if REQUIRE_GPU and not torch.cuda.is_available():
         raise pytest.UsageError("M1_REQUIRE_GPU=1 but torch sees no CUDA GPU")
 
