@@ -65,8 +65,12 @@ def main(argv=None):
     rows = []
     for case in cases:
         print(f"  {time.strftime('%H:%M:%S')} {case.group}: {case.name}", file=sys.stderr, flush=True)
-        rows += run_case(case, device, ceilings)
+        case_rows = run_case(case, device, ceilings)
+        rows += case_rows
         write_json(stem + ".json", rows, ceilings, device)  # after every case: a cut-off run keeps its rows
+        # ... and its log the medians so far (the table below comes only at the end)
+        print("    " + "; ".join(f"{r['impl']} " + (f"{r['median_ms']:.4f} ms" if "median_ms" in r else "error")
+                                for r in case_rows), file=sys.stderr, flush=True)
     print(format_table(rows))
     print(f"\nwrote {stem}.json")
     if not args.no_plots:
