@@ -23,14 +23,34 @@ CASES = ([(regime, epilogue, "nk", tma) for regime in M1_ROWS for epilogue in (0
          + [("prefill", 0, "kn", tma) for tma in (False, True)])
 
 
+OPS = r"ttng\.warp_group_dot\b|ttg\.async_copy_global_to_local|ttng\.async_tma_copy_global_to_local"
+
+
+def compile_for_hopper(kernel, pointers, constexprs, divisible=(), num_warps=4, num_stages=3):
+    """Compile `kernel` (jitted, autotuned or not) for sm_90 as a launch with these pointer types (other
+    runtime arguments i32), constexprs and 16-divisible arguments; returns its shared memory in bytes and
+    the counts of the ttgir ops that multiply (wgmma) and copy asynchronously (cp.async, TMA)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    while not isinstance(kernel, triton.runtime.jit.JITFunction):
+        kernel = kernel.fn
+    names = kernel.arg_names
+    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
+    src = ASTSource(fn=kernel, signature=signature,
+                    constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    return compiled.metadata.shared, collections.Counter(re.findall(OPS, compiled.asm["ttgir"]))
+
+
 def compile_report(regime, epilogue, layout, tma):
     """Compile the first config the autotuner would try at M1 shapes, specialised as a real bf16 launch
     (unit strides, 16-divisible pointers and sizes, or TMA descriptors); returns its config, shared
     memory and the ops that load and multiply."""
     import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from m1_kernels.moe_ops.triton import grouped_gemm as G
 
@@ -38,10 +58,6 @@ def compile_report(regime, epilogue, layout, tma):
     bf16_operand = torch.empty(0, dtype=torch.bfloat16)
     config = G._prune(G._configs(False), dict(a=bf16_operand, E=32, N=N, K=K), M_BUCKET=M1_ROWS[regime],
                       EPILOGUE=epilogue)[0]
-    fn = G.grouped_gemm_kernel
-    while not isinstance(fn, triton.runtime.jit.JITFunction):
-        fn = fn.fn
-    names = fn.arg_names
     constexprs = dict(EPILOGUE=epilogue, STORE_PREACT=epilogue == 1, USE_TMA=tma, W_KN=layout == "kn",
                       DOT_PRECISION="tf32", BLOCK_E=32, EVEN_K=True, EVEN_N=True, **config.kwargs)
     constexprs["stride_ak"] = 1
@@ -51,46 +67,28 @@ def compile_report(regime, epilogue, layout, tma):
     pointers = {"a": f"tensordesc<bf16[{bm},{bk}]>" if tma else "*bf16",
                 "w": f"tensordesc<bf16[{','.join(map(str, w_box))}]>" if tma else "*bf16",
                 "offsets_ptr": "*i32", "out_ptr": "*bf16", "preact_ptr": "*bf16"}
-    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
     divisible = {n for n, t in pointers.items() if t.startswith("*")} | {
         "stride_am", "stride_we", "stride_om", "stride_pm", "N", "K", "stride_wn" if layout == "nk" else "stride_wk"}
-    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
-                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
-    ops = collections.Counter(re.findall(r"ttng\.warp_group_dot\b|ttg\.async_copy_global_to_local|"
-                                         r"ttng\.async_tma_copy_global_to_local", kernel.asm["ttgir"]))
-    return dict(config=str(config), block_m=bm, shared=kernel.metadata.shared, wgmma=ops["ttng.warp_group_dot"],
+    shared, ops = compile_for_hopper(G.grouped_gemm_kernel, pointers, constexprs, divisible, config.num_warps,
+                                     config.num_stages)
+    return dict(config=str(config), block_m=bm, shared=shared, wgmma=ops["ttng.warp_group_dot"],
                 async_copies=ops["ttg.async_copy_global_to_local"] + ops["ttng.async_tma_copy_global_to_local"],
                 tma_copies=ops["ttng.async_tma_copy_global_to_local"], loads=3 if epilogue == 1 else 2)
 
 
 def wgrad_reports():
     """Every weight-gradient config at M1's shape (dW_down: P = H, Q = F), compiled as a bf16 launch."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from m1_kernels.moe_ops.triton import grouped_gemm as G
 
-    fn = G.grouped_wgrad_kernel
-    while not isinstance(fn, triton.runtime.jit.JITFunction):
-        fn = fn.fn
-    names = fn.arg_names
     pointers = dict(p_ptr="*bf16", q_ptr="*bf16", offsets_ptr="*i32", out_ptr="*bf16")
     divisible = set(pointers) | {"P", "Q", "stride_pr", "stride_qr", "stride_oe", "stride_op"}
     out = []
     for config in G._wgrad_configs(False):
         constexprs = dict(DOT_PRECISION="tf32", EVEN_P=True, EVEN_Q=True, stride_pc=1, stride_qc=1,
                           stride_oq=1, **config.kwargs)
-        signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
-        src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
-                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
-        ops = collections.Counter(re.findall(r"ttng\.warp_group_dot\b|ttg\.async_copy_global_to_local",
-                                             kernel.asm["ttgir"]))
-        out.append(dict(config=str(config), shared=kernel.metadata.shared, wgmma=ops["ttng.warp_group_dot"],
+        shared, ops = compile_for_hopper(G.grouped_wgrad_kernel, pointers, constexprs, divisible, config.num_warps,
+                                         config.num_stages)
+        out.append(dict(config=str(config), shared=shared, wgmma=ops["ttng.warp_group_dot"],
                         async_copies=ops["ttg.async_copy_global_to_local"], loads=2))
     return out
 
@@ -115,17 +113,9 @@ def few_token_reports(kernel_name, block_m):
 
 
 def _few_token_report(kernel_name, block_m, config):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from m1_kernels.moe_ops.triton import few_token as FT
 
     gate_up = kernel_name == "gate_up_kernel"
-    fn = getattr(FT, kernel_name)
-    while not isinstance(fn, triton.runtime.jit.JITFunction):
-        fn = fn.fn
-    names = fn.arg_names
     constexprs = dict(DOT_PRECISION="tf32", BLOCK_M=block_m, EVEN_K=True, **config.kwargs)
     if gate_up:
         constexprs.update(TOP_K=2, stride_wh=1)
@@ -136,14 +126,9 @@ def _few_token_report(kernel_name, block_m, config):
         pointers = dict(h_ptr="*bf16", w_ptr="*bf16", weights_ptr="*fp32", ys_ptr="*fp32")
         divisible = {"H", "F", "stride_hm", "stride_we", "stride_wh", "stride_ys"}
     pointers.update(sorted_idx_ptr="*i32", offsets_ptr="*i32", active_ptr="*i32")
-    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
-    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
-                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible | set(pointers)})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
-    ops = collections.Counter(re.findall(r"ttng\.warp_group_dot\b|ttg\.async_copy_global_to_local",
-                                         kernel.asm["ttgir"]))
-    return dict(config=str(config), shared=kernel.metadata.shared, wgmma=ops["ttng.warp_group_dot"],
+    shared, ops = compile_for_hopper(getattr(FT, kernel_name), pointers, constexprs, divisible | set(pointers),
+                                     config.num_warps, config.num_stages)
+    return dict(config=str(config), shared=shared, wgmma=ops["ttng.warp_group_dot"],
                 async_copies=ops["ttg.async_copy_global_to_local"])
 
 
@@ -154,17 +139,10 @@ ROUTE_PLAN_SHAPES = [(16, 32, 2, 2), (64, 32, 2, 2), (16, 32, 8, 8), (64, 256, 2
 
 def few_token_small_kernels_compile():
     """Shared memory of each compiled launch of the routing, plan and slot-sum kernels."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from m1_kernels.moe_ops.triton import few_token as FT
 
     def shared(fn, pointers, constexprs):
-        names = fn.arg_names
-        signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
-        src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).metadata.shared
+        return compile_for_hopper(fn, pointers, constexprs)[0]
 
     plan_pointers = dict(partial_ptr="*fp32", weights_ptr="*fp32", ids_ptr="*i32", sorted_idx_ptr="*i32",
                          offsets_ptr="*i32", active_ptr="*i32")
