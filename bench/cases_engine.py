@@ -330,9 +330,9 @@ def rl_workload(device) -> dict:
     # CUDA_LAUNCH_BLOCKING=1); the memory-efficient one rejects the mask ("last dimension must be contiguous").
     previous = hf.config._attn_implementation
     hf.set_attn_implementation("eager")
-    greedy_kw = dict(do_sample=False)
-    sample_kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=stops)
-    runs = {"reduced": (reduced_rows, reduced_tokens, greedy_kw), "sample": (sample_rows, sample_tokens, sample_kw)}
+    hf_greedy = dict(do_sample=False)
+    hf_sample = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=stops)
+    runs = {"reduced": (reduced_rows, reduced_tokens, hf_greedy), "sample": (sample_rows, sample_tokens, hf_sample)}
     try:
         for name, (groups, tokens, kw) in runs.items():
             try:

@@ -13,13 +13,14 @@ import os
 import tomllib
 from typing import Any
 
+from . import head_loss
 from .loss import ADVANTAGE_STD, METHODS, NORMALIZATIONS
 from .tasks import TASKS
 
 DTYPES = ("float32", "bfloat16")
 OLD_LOGPROBS = ("engine", "recompute")
 LOGPROBS_FROM = ("fused", "logits")
-LOGITS_GEMMS = (None, "triton", "cublas")    # trainer.head_loss's, None = its default
+LOGITS_GEMMS = (None, *head_loss.LOGITS_GEMMS)   # None: head_loss's default
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
