@@ -90,6 +90,23 @@ def test_varlen_segments_never_cross_sequences(lengths, with_h0):
 
 
 @needs_triton
+@pytest.mark.parametrize("seg", [64, 256])
+def test_half_precision_final_state_as_exact_as_fp32(seg):
+    """fp16 inputs: final states are as exact as an fp32 computation on the same inputs, whether the last
+    segment's state update on chip (hi + lo decayed values) makes the whole state (seg 256: every sequence
+    is one segment) or adds to pass 1's sums (seg 64). A single fp16 rounding of the decayed values would
+    miss this by orders of magnitude."""
+    lengths = [200, 1, 90]
+    cu = cu_of(lengths)
+    q, k, v, slope, h0 = inputs(1, sum(lengths), 2, 64, 64, 3, layer=78, N=len(lengths), dtype=torch.float16)
+    with nan_filled_outputs():
+        _, final = _chunk()(q, k, v, slope, h0, cu, final="new", segment_len=seg)
+    _, final32 = _chunk()(q.float(), k.float(), v.float(), slope, h0, cu, final="new", segment_len=seg)
+    _, s64 = reference64(q, k, v, slope, h0, cu=cu)
+    assert_within_2x("final", final.cpu(), s64, final32.cpu(), atol=1e-6)
+
+
+@needs_triton
 @pytest.mark.parametrize("lengths", [[0, 1, 70, 0, 5], [65]])
 def test_varlen_gradients_match_reference(lengths):
     cu = cu_of(lengths)

@@ -12,15 +12,21 @@ dims D, Dv in {16, 32, 64, 128, 256}; the kernels walk a segment in blocks of BT
 into tiles of BV columns (autotuned, see OUTPUT_TIERS):
 
 1. `_segment_kv_kernel` reads k, v of one segment once and writes its decayed key-value sum
-   sum_j lambda^(end-1-j) k_j^T v_j (fp32, [D, Dv], one program per value tile). When the final state is returned, half-precision
-   decayed keys go to the tensor cores as a hi + lo pair, so segment sums and final states are as
-   exact as an fp32 computation on the same inputs; otherwise the states only feed the half-precision
-   output (as pass 3's on-chip state always does), one dot suffices and the last segment of each
-   sequence needs no sum.
-2. `_segment_scan_kernel` walks the segments of each sequence (element-parallel over the state) and
-   replaces every sum by the state at its segment's start; the walk ends with the final state.
+   sum_j lambda^(end-1-j) k_j^T v_j (fp32, [D, Dv], one program per value tile). A sequence's last
+   segment needs no sum (only the final state would read it, and pass 3 carries that on chip), so a
+   sequence that fits one segment costs pass 1 nothing. When the final state is returned,
+   half-precision decayed keys go to the tensor cores as a hi + lo pair, so the sums are as exact as an
+   fp32 computation on the same inputs; otherwise the states only feed the half-precision output and
+   one dot suffices.
+2. `_segment_scan_kernel` walks the segments of each sequence with two or more (element-parallel over
+   the state) and replaces every sum by the state at its segment's start.
 3. `_segment_output_kernel` runs one segment block by block, keeping a [D, BV] fp32 state tile on
-   chip: intra-block masked decayed attention with tl.dot plus the inter-block q . S term.
+   chip: intra-block masked decayed attention with tl.dot plus the inter-block q . S term. A
+   one-segment sequence starts from h0 itself; the last segment of each sequence writes the final state
+   (its state update then takes the decayed values as a hi + lo pair, the same exactness as pass 1).
+
+Short sequences, as packed training batches and serving prefill produce them, are one segment each: one
+kernel reads q, k, v and h0 and writes o and the final state, the floor's traffic.
 
 Every decay factor is exp(-s * distance) with distance >= 0: small rates (the last layer) stay exact,
 large rates underflow to zero, nothing overflows. The only positive exponent is one step, exp(+s),
@@ -28,8 +34,8 @@ which the backward needs for its shifted initial state (see `reverse` in `chunk_
 
 Memory traffic: q, k, v read once and o written once by pass 3 (its value tiles of one segment are
 launched next to each other, so the second tile finds q and k in L2), k and v read once more by
-pass 1 (except the last segment of each sequence when no final state is asked for: with few long
-segments pass 1 reads little), plus 4 state-sized fp32 tiles per segment (~3% at the default length).
+pass 1 (except each sequence's last segment: with few long segments pass 1 reads little), plus 4
+state-sized fp32 tiles per segment (~3% at the default length).
 """
 
 import functools
@@ -151,14 +157,16 @@ def _sequence_bases(q_ptr, k_ptr, v_ptr, o_ptr, bos, L, h, H: tl.constexpr, D: t
 def _segment_kv_kernel(k_ptr, v_ptr, slope_ptr, kv_ptr, seg_seq_ptr, seg_lo_ptr, cu_ptr, T, G, SEG, kv_scale,
                        H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                        REVERSE: tl.constexpr, VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
-                       SPLIT: tl.constexpr, LAST_SUM: tl.constexpr):
+                       SPLIT: tl.constexpr):
     TV: tl.constexpr = min(BV, DV)  # value columns of this program
     g = tl.program_id(0)
     h = tl.program_id(1)
     iv = tl.program_id(2)
     n, bos, L, lo, hi = _segment_bounds(g, seg_seq_ptr, seg_lo_ptr, cu_ptr, T, G, SEG, VARLEN)
-    if not LAST_SUM:  # only the final state needs the last segment's sum: store zeros, read nothing
-        hi = tl.where(hi >= L, lo, hi)
+    # The last segment's sum would only feed the final state, which pass 3 carries on chip: it (and an
+    # unused table row) reads and writes nothing.
+    needed = hi < L
+    hi = tl.where(needed, hi, lo)
     s = tl.load(slope_ptr + h)
     rows = tl.arange(0, BT)
     d = tl.arange(0, D)
@@ -181,7 +189,17 @@ def _segment_kv_kernel(k_ptr, v_ptr, slope_ptr, kv_ptr, seg_seq_ptr, seg_lo_ptr,
             kw_lo = (kw32 - kw.to(tl.float32)).to(kb.dtype)
             acc = tl.dot(tl.trans(kw_lo), vb, acc, input_precision=DOT_PREC)
     out = kv_ptr + (g.to(tl.int64) * H + h) * (D * DV) + d[:, None] * DV + e[None, :]
-    tl.store(out, acc * kv_scale)
+    tl.store(out, acc * kv_scale, mask=needed)
+
+
+@triton.jit
+def _state_row(slot_ptr, n, num_slots, USE_SLOTS: tl.constexpr):
+    """Row of sequence n's initial and final state, and whether it exists: n itself, or with a slot cache
+    its slot (an invalid slot starts from zeros and writes nothing)."""
+    if USE_SLOTS:
+        slot = tl.load(slot_ptr + n)
+        return tl.maximum(slot, 0).to(tl.int64), (slot >= 0) & (slot < num_slots)
+    return n.to(tl.int64), n >= 0
 
 
 @triton.jit
@@ -189,47 +207,48 @@ def _segment_scan_kernel(kv_ptr, h0_ptr, final_ptr, slope_ptr, slot_ptr, seq_seg
                          num_slots, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BE: tl.constexpr,
                          HAS_H0: tl.constexpr, HAS_FINAL: tl.constexpr, USE_SLOTS: tl.constexpr,
                          REVERSE: tl.constexpr, VARLEN: tl.constexpr):
+    """Start states of the segments of sequences with two or more segments (pass 3 starts a one-segment
+    sequence from h0 itself), and the final state of an empty sequence (pass 3 writes the others)."""
     n = tl.program_id(0)
     h = tl.program_id(1)
     offs = tl.program_id(2) * BE + tl.arange(0, BE)
-    s = tl.load(slope_ptr + h)
     if VARLEN:
         L = (tl.load(cu_ptr + n + 1) - tl.load(cu_ptr + n)).to(tl.int32)
         g0 = tl.load(seq_seg0_ptr + n)
     else:
         L = T
         g0 = n * G
-    row = n.to(tl.int64)
-    keep = offs >= 0
-    if USE_SLOTS:  # state rows live in a slot cache; an invalid slot starts from zeros, writes nothing
-        slot = tl.load(slot_ptr + n)
-        keep = keep & (slot >= 0) & (slot < num_slots)
-        row = tl.maximum(slot, 0).to(tl.int64)
-    S = tl.zeros([BE], dtype=tl.float32)
-    if HAS_H0:
-        S = tl.load(h0_ptr + (row * H + h) * (D * DV) + offs, mask=keep, other=0.0)
-        if REVERSE:  # the reverse recurrence takes its initial state one step early
-            S = S * tl.exp(s)
-    for j in range(0, tl.cdiv(L, SEG)):
-        ptr = kv_ptr + ((g0 + j).to(tl.int64) * H + h) * (D * DV) + offs
-        kv = tl.load(ptr)
-        tl.store(ptr, S)
-        S = S * tl.exp(-s * tl.minimum(SEG, L - j * SEG).to(tl.float32)) + kv
-    if HAS_FINAL:
-        if REVERSE:
-            S = S * tl.exp(-s)
-        tl.store(final_ptr + (row * H + h) * (D * DV) + offs, S, mask=keep)
+    segments = tl.cdiv(L, SEG)
+    if segments != 1:
+        s = tl.load(slope_ptr + h)
+        row, exists = _state_row(slot_ptr, n, num_slots, USE_SLOTS)
+        S = tl.zeros([BE], dtype=tl.float32)
+        if HAS_H0:
+            S = tl.load(h0_ptr + (row * H + h) * (D * DV) + offs, mask=exists, other=0.0)
+        if segments == 0:
+            if HAS_FINAL:  # an empty sequence's final state is its initial state
+                tl.store(final_ptr + (row * H + h) * (D * DV) + offs, S, mask=exists)
+        else:
+            if REVERSE:  # the reverse recurrence takes its initial state one step early
+                S = S * tl.exp(s)
+            for j in range(0, segments - 1):
+                ptr = kv_ptr + ((g0 + j).to(tl.int64) * H + h) * (D * DV) + offs
+                kv = tl.load(ptr)
+                tl.store(ptr, S)
+                S = S * tl.exp(-s * SEG) + kv
+            tl.store(kv_ptr + ((g0 + segments - 1).to(tl.int64) * H + h) * (D * DV) + offs, S)
 
 
 @triton.autotune(configs=_configs(OUTPUT_TIERS), key=["H", "D", "DV", "REVERSE"],
                  prune_configs_by=dict(early_config_prune=autotune_prune(
                      _fitting_tier(OUTPUT_TIERS, _output_shared_bytes, "q_ptr"))))
 @triton.jit
-def _segment_output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slope_ptr, start_ptr, seg_seq_ptr, seg_lo_ptr, cu_ptr,
-                           slot_ptr, T, G, SEG, num_slots, out_scale, kv_scale,
+def _segment_output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slope_ptr, start_ptr, h0_ptr, final_ptr, seg_seq_ptr,
+                           seg_lo_ptr, cu_ptr, slot_ptr, T, G, SEG, num_slots, out_scale, kv_scale,
                            H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
                            BV: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
-                           USE_SLOTS: tl.constexpr, DOT_PREC: tl.constexpr):
+                           USE_SLOTS: tl.constexpr, HAS_H0: tl.constexpr, HAS_FINAL: tl.constexpr,
+                           SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
     TV: tl.constexpr = min(BV, DV)  # value columns of this program
     iv = tl.program_id(0)  # value tiles of one segment run side by side: q, k blocks come from L2
     g = tl.program_id(1)
@@ -239,7 +258,17 @@ def _segment_output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slope_ptr, start_ptr, seg
     rows = tl.arange(0, BT)
     d = tl.arange(0, D)
     e = iv * TV + tl.arange(0, TV)
-    S = tl.load(start_ptr + (g.to(tl.int64) * H + h) * (D * DV) + d[:, None] * DV + e[None, :])
+    tile = (h * D + d[:, None]) * DV + e[None, :]  # this program's [D, TV] tile of one [H, D, Dv] state
+    row, exists = _state_row(slot_ptr, tl.maximum(n, 0), num_slots, USE_SLOTS)
+    last = (hi >= L) & (n >= 0)
+    if (lo == 0) & last:  # the whole sequence: its start state is h0 (the scan skipped it)
+        S = tl.zeros([D, TV], dtype=tl.float32)
+        if HAS_H0:
+            S = tl.load(h0_ptr + row * (H * D * DV) + tile, mask=exists, other=0.0)
+            if REVERSE:  # the reverse recurrence takes its initial state one step early
+                S = S * tl.exp(s)
+    else:
+        S = tl.load(start_ptr + g.to(tl.int64) * (H * D * DV) + tile)
     q_decay = tl.exp(-s * (rows + 1).to(tl.float32))
     dist = rows[:, None] - rows[None, :]
     intra_decay = tl.where(dist >= 0, tl.exp(-s * tl.maximum(dist, 0).to(tl.float32)), 0.0) * kv_scale
@@ -249,7 +278,8 @@ def _segment_output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slope_ptr, start_ptr, seg
     if USE_SLOTS:  # padding sequence (negative slot): zeros; slot out of range: NaN (cannot be checked
         slot = tl.load(slot_ptr + tl.maximum(n, 0))  # on the host without a sync)
         fill = tl.where(slot < 0, 0.0, float("nan"))
-        live_seq = (slot >= 0) & (slot < num_slots)
+    # Half-precision decayed values as a hi + lo pair in the last segment when its final state is returned:
+    # the final state stays as exact as an fp32 computation on the same inputs.
     for b0 in range(lo, hi, BT):
         t = b0 + rows
         live = t < hi
@@ -265,13 +295,26 @@ def _segment_output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slope_ptr, start_ptr, seg
         scores = tl.dot(qb, tl.trans(kb), input_precision=DOT_PREC) * intra_decay
         o = tl.dot(scores.to(vb.dtype), vb, o, input_precision=DOT_PREC) * out_scale
         if USE_SLOTS:
-            o = tl.where(live_seq, o, fill)
+            o = tl.where(exists, o, fill)
         p_o = tl.make_block_ptr(o_seq, (hi, DV), (row_stride_vo, 1), (b0, iv * TV), (BT, TV), (1, 0))
         tl.store(p_o, o.to(o_ptr.dtype.element_ty), boundary_check=(0,))
         blen = tl.minimum(hi - b0, BT)
         w = tl.where(live, tl.exp(-s * tl.maximum(blen - 1 - rows, 0).to(tl.float32)), 0.0) * kv_scale
-        vw = (vb.to(tl.float32) * w[:, None]).to(vb.dtype)
-        S = tl.dot(tl.trans(kb), vw, S * tl.exp(-s * blen.to(tl.float32)), input_precision=DOT_PREC)
+        vw32 = vb.to(tl.float32) * w[:, None]
+        vw = vw32.to(vb.dtype)
+        S = S * tl.exp(-s * blen.to(tl.float32))
+        if SPLIT & last:
+            # The block's sum in a fresh accumulator, added in fp32: Hopper's tensor cores drop product
+            # bits below a large accumulator's exponent (the state grows with the sequence).
+            kv = tl.dot(tl.trans(kb), vw, input_precision=DOT_PREC)
+            S += tl.dot(tl.trans(kb), (vw32 - vw.to(tl.float32)).to(vb.dtype), kv, input_precision=DOT_PREC)
+        else:
+            S = tl.dot(tl.trans(kb), vw, S, input_precision=DOT_PREC)
+    if HAS_FINAL:
+        if last:
+            if REVERSE:
+                S = S * tl.exp(-s)
+            tl.store(final_ptr + row * (H * D * DV) + tile, S, mask=exists)
 
 
 def default_segment_len(total_tokens: int, heads: int, dv: int, device: torch.device) -> int:
@@ -344,7 +387,7 @@ def chunk_lightning(q, k, v, slope, h0, cu_seqlens, *, out_scale=1.0, kv_scale=1
     if rows:
         _segment_kv_kernel[lambda meta: (rows, H, value_tiles(meta))](
             k, v, slope, states, seg_seq, seg_lo, cu, T, G, seg, float(kv_scale), H=H, D=D, DV=Dv,
-            REVERSE=reverse, VARLEN=cu is not None, DOT_PREC=dot_prec, SPLIT=exact_sums, LAST_SUM=final is not None)
+            REVERSE=reverse, VARLEN=cu is not None, DOT_PREC=dot_prec, SPLIT=exact_sums)
     if N:
         _segment_scan_kernel[(N, H, triton.cdiv(D * Dv, SCAN_ELEMENTS))](
             states, h0, final, slope, slot_idx, seg0, cu, T, G, seg, num_slots, H=H, D=D, DV=Dv,
@@ -352,7 +395,8 @@ def chunk_lightning(q, k, v, slope, h0, cu_seqlens, *, out_scale=1.0, kv_scale=1
             USE_SLOTS=use_slots, REVERSE=reverse, VARLEN=cu is not None, num_warps=4)
     if rows:
         _segment_output_kernel[lambda meta: (value_tiles(meta), rows, H)](
-            q, k, v, o, slope, states, seg_seq, seg_lo, cu, slot_idx, T, G, seg, num_slots, float(out_scale),
-            float(kv_scale), H=H, D=D, DV=Dv, REVERSE=reverse, VARLEN=cu is not None, USE_SLOTS=use_slots,
+            q, k, v, o, slope, states, h0, final, seg_seq, seg_lo, cu, slot_idx, T, G, seg, num_slots,
+            float(out_scale), float(kv_scale), H=H, D=D, DV=Dv, REVERSE=reverse, VARLEN=cu is not None,
+            USE_SLOTS=use_slots, HAS_H0=h0 is not None, HAS_FINAL=final is not None, SPLIT=exact_sums,
             DOT_PREC=dot_prec)
     return o, final
