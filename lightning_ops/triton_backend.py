@@ -8,7 +8,9 @@ no per-token or per-block state. Writing dS_t for the gradient reaching state S_
     dS_t = lambda dS_{t+1} + scale q_t^T do_t  kv_scale = scale, h0 = dfinal (resp. its transpose)
     d(initial state) = lambda dS_0             the reverse recurrence's final state
 
-so the backward costs three forward passes.
+The dk recurrence's states are the transposes of the dv recurrence's, so the dk pass reads the dv pass's
+segment start states (transposed) instead of forming its own: the backward costs three output passes
+and two segment-sum passes and scans.
 """
 
 from .triton import chunk_lightning, fused_recurrent_lightning_decode
@@ -34,9 +36,10 @@ def lightning_bwd(do, dfinal, q, k, v, slope, initial_state, cu_seqlens, scale):
     dq, _ = chunk_lightning(do, v, k, slope, h0_t, cu_seqlens, out_scale=scale)
     dfinal = None if dfinal is None else dfinal.contiguous()
     dfinal_t = None if dfinal is None else dfinal.transpose(-1, -2).contiguous()
-    dk, _ = chunk_lightning(v, do, q, slope, dfinal_t, cu_seqlens, kv_scale=scale, reverse=True)
-    dv, dh0 = chunk_lightning(k, q, do, slope, dfinal, cu_seqlens, kv_scale=scale, reverse=True,
-                              final="new" if initial_state is not None else None)
+    dv, dh0, starts = chunk_lightning(k, q, do, slope, dfinal, cu_seqlens, kv_scale=scale, reverse=True,
+                                      final="new" if initial_state is not None else None, return_starts=True)
+    dk, _ = chunk_lightning(v, do, q, slope, dfinal_t, cu_seqlens, kv_scale=scale, reverse=True,
+                            starts=starts.transposed())
     return dq, dk, dv, dh0
 
 

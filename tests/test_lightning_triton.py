@@ -107,6 +107,30 @@ def test_half_precision_final_state_as_exact_as_fp32(seg):
 
 
 @needs_triton
+@pytest.mark.parametrize("D, Dv", [(64, 64), (32, 64)])
+def test_transposed_starts_stand_for_the_swapped_recurrence(D, Dv):
+    """What the backward's dk pass relies on: the recurrence of (x, v, q) from h0^T, run on the segment start
+    states of (k, q, v) from h0 transposed, equals its own passes (sum v^T q is the transpose of sum q^T v);
+    starts of another shape, or with `final`, are refused."""
+    from m1_kernels.lightning_ops.triton.chunk import SegmentStarts
+    lengths = [150, 1, 64, 0, 90]
+    cu = cu_of(lengths)
+    q, k, v, slope, h0 = inputs(1, sum(lengths), 2, D, Dv, 4, layer=30, N=len(lengths))
+    x = torch.randn_like(v)
+    chunk = _chunk()
+    _, _, starts = chunk(k, q, v, slope, h0, cu, reverse=True, segment_len=64, return_starts=True)
+    h0_t = h0.transpose(-1, -2).contiguous()
+    want, _ = chunk(x, v, q, slope, h0_t, cu, reverse=True, segment_len=64)
+    with nan_filled_outputs():
+        got, _ = chunk(x, v, q, slope, h0_t, cu, reverse=True, starts=starts.transposed())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="final"):
+        chunk(x, v, q, slope, h0_t, cu, reverse=True, starts=starts.transposed(), final="new")
+    with pytest.raises(ValueError, match="starts of shape"):
+        chunk(x, v, q, slope, h0_t, cu, reverse=True, starts=SegmentStarts(starts.states[:1], 64))
+
+
+@needs_triton
 @pytest.mark.parametrize("lengths", [[0, 1, 70, 0, 5], [65]])
 def test_varlen_gradients_match_reference(lengths):
     cu = cu_of(lengths)

@@ -38,6 +38,7 @@ pass 1 (except each sequence's last segment: with few long segments pass 1 reads
 state-sized fp32 tiles per segment (~3% at the default length).
 """
 
+import dataclasses
 import functools
 import math
 
@@ -245,6 +246,7 @@ def _segment_scan_kernel(kv_ptr, h0_ptr, final_ptr, slope_ptr, slot_ptr, seq_seg
 @triton.jit
 def _segment_output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slope_ptr, start_ptr, h0_ptr, final_ptr, seg_seq_ptr,
                            seg_lo_ptr, cu_ptr, slot_ptr, T, G, SEG, num_slots, out_scale, kv_scale,
+                           stride_start_row, stride_start_d, stride_start_e,
                            H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
                            BV: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
                            USE_SLOTS: tl.constexpr, HAS_H0: tl.constexpr, HAS_FINAL: tl.constexpr,
@@ -268,7 +270,9 @@ def _segment_output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slope_ptr, start_ptr, h0_
             if REVERSE:  # the reverse recurrence takes its initial state one step early
                 S = S * tl.exp(s)
     else:
-        S = tl.load(start_ptr + g.to(tl.int64) * (H * D * DV) + tile)
+        # Strided: the start states may be another call's, transposed (see SegmentStarts).
+        S = tl.load(start_ptr + g.to(tl.int64) * stride_start_row + h * (D * DV) + d[:, None] * stride_start_d
+                    + e[None, :] * stride_start_e)
     q_decay = tl.exp(-s * (rows + 1).to(tl.float32))
     dist = rows[:, None] - rows[None, :]
     intra_decay = tl.where(dist >= 0, tl.exp(-s * tl.maximum(dist, 0).to(tl.float32)), 0.0) * kv_scale
@@ -347,8 +351,21 @@ def _segment_table(cu_seqlens, total, seg):
     return rows, seg_seq, seg_lo, first.to(torch.int32)
 
 
+@dataclasses.dataclass
+class SegmentStarts:
+    """The segment start states of one chunk_lightning call ([rows, H, D, Dv] fp32; the row of a one-segment
+    sequence is unused, its start is h0) and the segment length that cut the sequences."""
+    states: torch.Tensor
+    segment_len: int
+
+    def transposed(self):
+        """The start states of the recurrence with k and v swapped and h0 transposed: sum_j w_j v_j^T k_j
+        is the transpose of sum_j w_j k_j^T v_j (the backward's dk and dv passes)."""
+        return SegmentStarts(self.states.transpose(-1, -2), self.segment_len)
+
+
 def chunk_lightning(q, k, v, slope, h0, cu_seqlens, *, out_scale=1.0, kv_scale=1.0, reverse=False,
-                    final=None, slot_idx=None, segment_len=None):
+                    final=None, slot_idx=None, segment_len=None, starts=None, return_starts=False):
     """Run the generic recurrence (module docstring) on q/k [B, T, H, D], v [B, T, H, Dv].
 
     h0: [N, H, D, Dv] fp32 initial states, or the slot cache when `slot_idx` [N] is given.
@@ -357,7 +374,10 @@ def chunk_lightning(q, k, v, slope, h0, cu_seqlens, *, out_scale=1.0, kv_scale=1
     reverse: time runs backwards within each sequence, h0 enters at the last token with decay
         lambda^0 (not lambda^1) and the final state is multiplied by lambda: what dk, dv and
         d(initial state) need.
-    Returns (o [B, T, H, Dv] in q's dtype, final state tensor or None).
+    starts: a SegmentStarts of an earlier call on the same sequences whose states are this call's (for
+        instance another call's `.transposed()`): passes 1 and 2 are skipped. Not with `final`.
+    return_starts: also return this call's SegmentStarts.
+    Returns (o [B, T, H, Dv] in q's dtype, final state tensor or None[, SegmentStarts]).
     """
     B, T, H, D = q.shape
     Dv = v.shape[-1]
@@ -367,6 +387,10 @@ def chunk_lightning(q, k, v, slope, h0, cu_seqlens, *, out_scale=1.0, kv_scale=1
     o = torch.empty(B, T, H, Dv, dtype=q.dtype, device=device)
     if final == "new":
         final = torch.empty(N, H, D, Dv, dtype=torch.float32, device=device)
+    if starts is not None:
+        if final is not None:
+            raise ValueError("chunk_lightning: starts from another call leave no pass to form `final`")
+        segment_len = starts.segment_len
     seg = segment_len or default_segment_len(B * T, H, Dv, device)
     assert seg % BLOCK_T == 0
     if cu_seqlens is None:
@@ -380,15 +404,21 @@ def chunk_lightning(q, k, v, slope, h0, cu_seqlens, *, out_scale=1.0, kv_scale=1
     # Half-precision decayed keys as a hi + lo pair only where a final state is returned: start states
     # that only feed a half-precision output do not need fp32-exact sums.
     exact_sums = final is not None and q.dtype != torch.float32
-    states = torch.empty(rows, H, D, Dv, dtype=torch.float32, device=device)
     use_slots = slot_idx is not None
     num_slots = h0.shape[0] if h0 is not None else 0
     value_tiles = lambda meta: triton.cdiv(Dv, min(meta["BV"], Dv))  # noqa: E731
-    if rows:
+    if starts is not None:
+        states = starts.states
+        if states.shape != (rows, H, D, Dv) or states.stride(1) != D * Dv:
+            raise ValueError(f"chunk_lightning: starts of shape {tuple(states.shape)} are not this call's "
+                             f"[{rows}, {H}, {D}, {Dv}] segment states")
+    else:
+        states = torch.empty(rows, H, D, Dv, dtype=torch.float32, device=device)
+    if rows and starts is None:
         _segment_kv_kernel[lambda meta: (rows, H, value_tiles(meta))](
             k, v, slope, states, seg_seq, seg_lo, cu, T, G, seg, float(kv_scale), H=H, D=D, DV=Dv,
             REVERSE=reverse, VARLEN=cu is not None, DOT_PREC=dot_prec, SPLIT=exact_sums)
-    if N:
+    if N and starts is None:
         _segment_scan_kernel[(N, H, triton.cdiv(D * Dv, SCAN_ELEMENTS))](
             states, h0, final, slope, slot_idx, seg0, cu, T, G, seg, num_slots, H=H, D=D, DV=Dv,
             BE=min(SCAN_ELEMENTS, D * Dv), HAS_H0=h0 is not None, HAS_FINAL=final is not None,
@@ -396,7 +426,9 @@ def chunk_lightning(q, k, v, slope, h0, cu_seqlens, *, out_scale=1.0, kv_scale=1
     if rows:
         _segment_output_kernel[lambda meta: (value_tiles(meta), rows, H)](
             q, k, v, o, slope, states, h0, final, seg_seq, seg_lo, cu, slot_idx, T, G, seg, num_slots,
-            float(out_scale), float(kv_scale), H=H, D=D, DV=Dv, REVERSE=reverse, VARLEN=cu is not None,
+            float(out_scale), float(kv_scale), states.stride(0), states.stride(2), states.stride(3), H=H, D=D, DV=Dv, REVERSE=reverse, VARLEN=cu is not None,
             USE_SLOTS=use_slots, HAS_H0=h0 is not None, HAS_FINAL=final is not None, SPLIT=exact_sums,
             DOT_PREC=dot_prec)
+    if return_starts:
+        return o, final, SegmentStarts(states, seg)
     return o, final
