@@ -210,6 +210,53 @@ def test_slot_prefill_reads_and_writes_slots(backend, varlen):
     assert torch.equal(cache[untouched], before[untouched])
 
 
+@needs_triton
+def test_autotuning_hooks_restore_the_rows_a_launch_writes():
+    """The output kernel updates a slot cache in place: its autotuner times each config on the real arguments,
+    so the hooks save the rows of valid slots before each timed launch and put them back after it."""
+    from m1_kernels.lightning_ops.triton.chunk import _KeepSlotStates
+
+    cache = torch.randn(5, 2, 4, 4, device=DEVICE)
+    before = cache.clone()
+    hooks = _KeepSlotStates()
+    nargs = dict(final_ptr=cache, slot_ptr=torch.tensor([3, -1, 0, 7], dtype=torch.int32, device=DEVICE))
+    hooks.before(nargs)
+    cache.add_(1.0)                                       # what a timed launch does to every row it writes
+    hooks.after(nargs, exception=None)
+    assert torch.equal(cache[[0, 3]], before[[0, 3]])
+    assert torch.equal(cache[[1, 2, 4]], before[[1, 2, 4]] + 1.0)
+    for no_cache in (dict(final_ptr=None, slot_ptr=nargs["slot_ptr"]), dict(final_ptr=cache, slot_ptr=None)):
+        hooks.before(no_cache)
+        assert hooks.saved is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("varlen", [False, True])
+def test_slot_prefill_while_autotuning_writes_each_state_once(varlen, monkeypatch):
+    """The first launch of a shape autotunes the output kernel, timing every config on the slot cache it
+    updates in place: each slot must still advance by exactly one prefill."""
+    from m1_kernels.lightning_ops.triton.chunk import _segment_output_kernel
+
+    lengths = [300, 0, 1000] if varlen else [700, 700, 700]
+    slots = torch.tensor([4, -1, 1], dtype=torch.int32, device=DEVICE)
+    cu = cu_of(lengths) if varlen else None
+    T = sum(lengths) if varlen else lengths[0]
+    q, k, v, slope, cache = inputs(1 if varlen else 3, T, 4, 64, 64, 5, layer=40, N=6)
+    h0 = torch.stack([cache[max(int(s), 0)] for s in slots.tolist()])
+    o_ref, f_ref = lightning_ops.lightning_attn(q, k, v, slope, initial_state=h0, output_final_state=True,
+                                                cu_seqlens=cu, backend="torch")
+    monkeypatch.delenv("M1_TRITON_CONFIG")                # every config is timed
+    _segment_output_kernel.cache.clear()
+    try:
+        o = lightning_ops.lightning_attn_with_cache(q, k, v, slope, cache, slots, cu_seqlens=cu, backend="triton")
+    finally:
+        _segment_output_kernel.cache.clear()              # later tests run their pinned config again
+    keep = [0, 2] if not varlen else slice(None)
+    torch.testing.assert_close(o[keep], o_ref[keep], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cache[4], f_ref[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cache[1], f_ref[2], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_chunked_prefill_then_decode_equals_one_prefill(backend):
     """What a server does: prefill in two chunks into a slot, then decode token by token."""

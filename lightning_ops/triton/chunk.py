@@ -240,9 +240,35 @@ def _segment_scan_kernel(kv_ptr, h0_ptr, final_ptr, slope_ptr, slot_ptr, seq_seg
             tl.store(kv_ptr + ((g0 + segments - 1).to(tl.int64) * H + h) * (D * DV) + offs, S)
 
 
+class _KeepSlotStates:
+    """Autotuning hooks of the output kernel. With a slot cache it reads its initial states from and writes its
+    final states to the same rows, so every timed launch would advance them once more: the hooks save the
+    rows the launch writes and put them back."""
+
+    def __init__(self):
+        self.saved = None
+
+    def before(self, nargs, reset_only=False):
+        final, slots = nargs["final_ptr"], nargs["slot_ptr"]
+        if reset_only or final is None or slots is None:
+            return
+        rows = slots[(slots >= 0) & (slots < final.shape[0])].long()
+        self.saved = rows, final[rows].clone()
+
+    def after(self, nargs, exception):
+        if self.saved is not None:
+            rows, states = self.saved
+            nargs["final_ptr"][rows] = states
+            self.saved = None
+
+
+_keep_slot_states = _KeepSlotStates()
+
+
 @triton.autotune(configs=_configs(OUTPUT_TIERS), key=["H", "D", "DV", "REVERSE"],
                  prune_configs_by=dict(early_config_prune=autotune_prune(
-                     _fitting_tier(OUTPUT_TIERS, _output_shared_bytes, "q_ptr"))))
+                     _fitting_tier(OUTPUT_TIERS, _output_shared_bytes, "q_ptr"))),
+                 pre_hook=_keep_slot_states.before, post_hook=_keep_slot_states.after)
 @triton.jit
 def _segment_output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slope_ptr, start_ptr, h0_ptr, final_ptr, seg_seq_ptr,
                            seg_lo_ptr, cu_ptr, slot_ptr, T, G, SEG, num_slots, out_scale, kv_scale,
@@ -306,14 +332,9 @@ def _segment_output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slope_ptr, start_ptr, h0_
         w = tl.where(live, tl.exp(-s * tl.maximum(blen - 1 - rows, 0).to(tl.float32)), 0.0) * kv_scale
         vw32 = vb.to(tl.float32) * w[:, None]
         vw = vw32.to(vb.dtype)
-        S = S * tl.exp(-s * blen.to(tl.float32))
+        S = tl.dot(tl.trans(kb), vw, S * tl.exp(-s * blen.to(tl.float32)), input_precision=DOT_PREC)
         if SPLIT & last:
-            # The block's sum in a fresh accumulator, added in fp32: Hopper's tensor cores drop product
-            # bits below a large accumulator's exponent (the state grows with the sequence).
-            kv = tl.dot(tl.trans(kb), vw, input_precision=DOT_PREC)
-            S += tl.dot(tl.trans(kb), (vw32 - vw.to(tl.float32)).to(vb.dtype), kv, input_precision=DOT_PREC)
-        else:
-            S = tl.dot(tl.trans(kb), vw, S, input_precision=DOT_PREC)
+            S = tl.dot(tl.trans(kb), (vw32 - vw.to(tl.float32)).to(vb.dtype), S, input_precision=DOT_PREC)
     if HAS_FINAL:
         if last:
             if REVERSE:
