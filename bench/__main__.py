@@ -71,6 +71,10 @@ def main(argv=None):
         # ... and its log the medians so far (the table below comes only at the end)
         print("    " + "; ".join(f"{r['impl']} " + (f"{r['median_ms']:.4f} ms" if "median_ms" in r else "error")
                                 for r in case_rows), file=sys.stderr, flush=True)
+        for r in case_rows:  # the autotuner's choices behind each time, when it made any in this case
+            for kernel, chosen in r.get("tuned_configs", {}).items():
+                for key, config in chosen.items():
+                    print(f"      {r['impl']} {kernel} {key}: {config}", file=sys.stderr, flush=True)
     print(format_table(rows))
     print(f"\nwrote {stem}.json")
     if not args.no_plots:

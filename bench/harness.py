@@ -12,6 +12,7 @@ import math
 import platform
 import re
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
@@ -145,20 +146,44 @@ def floor_ms(case: Case, ceilings: dict) -> tuple[float | None, str | None]:
     return (mem, "memory") if mem >= mat else (mat, "matmul")
 
 
+def tuned_configs() -> dict[str, dict[str, str]]:
+    """The configs this package's autotuned Triton kernels have chosen so far: {module.kernel: {key: config}}."""
+    autotuner = getattr(sys.modules.get("triton.runtime.autotuner"), "Autotuner", None)
+    if autotuner is None:
+        return {}
+    out = {}
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("m1_kernels.") or module is None:
+            continue
+        for attr, obj in list(vars(module).items()):
+            if isinstance(obj, autotuner) and obj.cache:
+                out[f"{name.removeprefix('m1_kernels.')}.{attr}"] = {str(k): str(c) for k, c in obj.cache.items()}
+    return out
+
+
+def _new_configs(before: dict, after: dict) -> dict:
+    return {kernel: new for kernel, chosen in after.items()
+            if (new := {k: c for k, c in chosen.items() if k not in before.get(kernel, {})})}
+
+
 def run_case(case: Case, device, ceilings) -> list[dict]:
-    """Time every implementation of a case; one result row per implementation."""
+    """Time every implementation of a case; one result row per implementation. A row records the autotuner
+    choices its implementation made ("tuned_configs"): a timing says little without the config behind it."""
     sets = make_input_sets(case)
     fl, bound = floor_ms(case, ceilings)
     rows = []
     for label, fn in case.impls.items():
         row = {"group": case.group, "case": case.name, "impl": label, "ours": label.startswith("ours"),
                "params": case.params, "floor_ms": fl, "bound": bound}
+        configs_before = tuned_configs()
         try:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             row.update(time_fn(fn, sets, device, cuda_graph=case.cuda_graph))
             if device.type == "cuda":  # inputs included: what the call needs on top is peak - inputs
                 row["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if chosen := _new_configs(configs_before, tuned_configs()):
+                row["tuned_configs"] = chosen
         except Exception as exc:  # a peer that cannot run this shape is reported, not fatal
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             rows.append(row)

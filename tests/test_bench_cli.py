@@ -2,6 +2,8 @@
 
 import json
 import subprocess
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,28 @@ def test_cpu_run_writes_its_rows(tmp_path):
     assert rows and all(r["group"] == "lightning decode" for r in rows)
     assert all(r["median_ms"] > 0 for r in rows if "error" not in r)
     assert any(r["ours"] and "error" not in r for r in rows)
+
+
+def test_rows_record_the_configs_the_autotuner_chose_for_them(monkeypatch):
+    """A row names the configs its implementation's autotuned kernels chose while it was timed; a row whose
+    kernels tuned nothing new records none."""
+    triton = pytest.importorskip("triton")
+    from m1_kernels.bench.harness import Case, run_case
+
+    @triton.jit
+    def kernel(x, N):
+        pass
+
+    tuned = triton.autotune(configs=[triton.Config({"BLOCK": 32}), triton.Config({"BLOCK": 64})], key=["N"])(kernel)
+    module = types.ModuleType("m1_kernels.fake_kernels")
+    module.scale_kernel = tuned
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    choose = lambda x: tuned.cache.setdefault((x.numel(),), tuned.configs[1])  # what a first launch does  # noqa: E731
+    case = Case("g", "c", lambda: torch.ones(3), {"ours[a]": choose, "peer": lambda x: x + 1})
+    rows = run_case(case, torch.device("cpu"), {})
+    assert rows[0]["tuned_configs"] == {"fake_kernels.scale_kernel": {"(3,)": str(tuned.configs[1])}}
+    assert "tuned_configs" not in rows[1]
+    assert all("tuned_configs" not in r for r in run_case(case, torch.device("cpu"), {}))  # nothing new
 
 
 def test_trainer_report_measures_logprob_and_d_hidden_errors(tmp_path):
