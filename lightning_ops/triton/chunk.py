@@ -308,8 +308,6 @@ def _segment_output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slope_ptr, start_ptr, h0_
     if USE_SLOTS:  # padding sequence (negative slot): zeros; slot out of range: NaN (cannot be checked
         slot = tl.load(slot_ptr + tl.maximum(n, 0))  # on the host without a sync)
         fill = tl.where(slot < 0, 0.0, float("nan"))
-    # Half-precision decayed values as a hi + lo pair in the last segment when its final state is returned:
-    # the final state stays as exact as an fp32 computation on the same inputs.
     for b0 in range(lo, hi, BT):
         t = b0 + rows
         live = t < hi
@@ -333,7 +331,7 @@ def _segment_output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slope_ptr, start_ptr, h0_
         vw32 = vb.to(tl.float32) * w[:, None]
         vw = vw32.to(vb.dtype)
         S = tl.dot(tl.trans(kb), vw, S * tl.exp(-s * blen.to(tl.float32)), input_precision=DOT_PREC)
-        if SPLIT & last:
+        if SPLIT & last:  # the final state's sums as exact as pass 1's: decayed values as hi + lo
             S = tl.dot(tl.trans(kb), (vw32 - vw.to(tl.float32)).to(vb.dtype), S, input_precision=DOT_PREC)
     if HAS_FINAL:
         if last:
@@ -447,9 +445,9 @@ def chunk_lightning(q, k, v, slope, h0, cu_seqlens, *, out_scale=1.0, kv_scale=1
     if rows:
         _segment_output_kernel[lambda meta: (value_tiles(meta), rows, H)](
             q, k, v, o, slope, states, h0, final, seg_seq, seg_lo, cu, slot_idx, T, G, seg, num_slots,
-            float(out_scale), float(kv_scale), states.stride(0), states.stride(2), states.stride(3), H=H, D=D, DV=Dv, REVERSE=reverse, VARLEN=cu is not None,
-            USE_SLOTS=use_slots, HAS_H0=h0 is not None, HAS_FINAL=final is not None, SPLIT=exact_sums,
-            DOT_PREC=dot_prec)
+            float(out_scale), float(kv_scale), states.stride(0), states.stride(2), states.stride(3), H=H, D=D,
+            DV=Dv, REVERSE=reverse, VARLEN=cu is not None, USE_SLOTS=use_slots, HAS_H0=h0 is not None,
+            HAS_FINAL=final is not None, SPLIT=exact_sums, DOT_PREC=dot_prec)
     if return_starts:
         return o, final, SegmentStarts(states, seg)
     return o, final
