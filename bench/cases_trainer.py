@@ -9,8 +9,8 @@ place, faster, with 2.5-6x the fp32 matmul's rounding error on Hopper): the trad
 
 Ours once more as "ours[one-pass loss]": trainer.fused_head_loss with the trainer's CISPO loss (policy_loss,
 eps_high 0.28, token-normalised), whose gradients are formed in the forward: the logits are computed once,
-6 N H V FLOPs where the rows above do 8 (forward, then recomputed in the backward). Its upstream gradient is the loss's instead of a random
-one; the work is the same. Its default logits GEMM on the GPU is cuBLAS in slices of the hidden width (each its
+6 N H V FLOPs where the rows above do 8 (forward, then recomputed in the backward). Its upstream gradient is
+the loss's instead of a random one; the work is the same. Its default logits GEMM on the GPU is cuBLAS in slices of the hidden width (each its
 own accumulator, added in fp32); "triton logits" is the same pass with the fused logits kernel of the rows
 above ("ours[one-pass, triton logits]"): the rate against the error.
 

@@ -92,6 +92,7 @@ def test_moe_backward_gemm_cases_time_the_backward_products(what):
     on the case's own inputs, against a per-expert float64 loop, with an empty expert among uneven ones."""
     from m1_kernels.bench.cases_moe import BACKWARD_GEMMS, backward_gemm_inputs
     from m1_kernels.moe_ops import triton_backend
+    from m1_kernels.reference import moe as RM
 
     E, H, F = 3, 32, 48
     offsets = torch.tensor([0, 37, 37, 90], dtype=torch.int32)
@@ -99,18 +100,15 @@ def test_moe_backward_gemm_cases_time_the_backward_products(what):
     i = backward_gemm_inputs(names, offsets, E, H, F, torch.device("cpu"), torch.float32)
     got = ours(triton_backend, i)
     d = {k: v.double() for k, v in i.items() if k != "offsets"}
-    parts = []
-    for e, (a, b) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
-        if what.startswith("dH"):
-            gate, up = d["preact"][a:b, :F], d["preact"][a:b, F:]
-            dh = d["dy"][a:b] @ d["down"][e]
-            sig = torch.sigmoid(gate)
-            parts.append(torch.cat([dh * up * sig * (1 + gate * (1 - sig)), dh * gate * sig], dim=1))
-        elif what.startswith("dX"):
-            parts.append(d["d_preact"][a:b] @ d["gate_up"][e])
-        elif what.startswith("dW_down"):
-            parts.append((d["dy"][a:b].T @ d["h"][a:b])[None])
-        else:
-            parts.append((d["d_preact"][a:b].T @ d["x"][a:b])[None])
-    want = torch.cat(parts)
+    if what.startswith("dH"):  # the gradient of silu(gate) * up for dh = dY W_down
+        preact = d["preact"].requires_grad_()
+        h = torch.nn.functional.silu(preact[:, :F]) * preact[:, F:]
+        h.backward(RM.grouped_gemm(d["dy"], d["down"], offsets, "kn"))
+        want = preact.grad
+    elif what.startswith("dX"):
+        want = RM.grouped_gemm(d["d_preact"], d["gate_up"], offsets, "kn")
+    elif what.startswith("dW_down"):
+        want = RM.grouped_gemm_weight_grad(d["h"], d["dy"], offsets, "nk")
+    else:
+        want = RM.grouped_gemm_weight_grad(d["x"], d["d_preact"], offsets, "nk")
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
