@@ -62,6 +62,18 @@ struct SmallTile {
   using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
 };
 
+// Weight gradients: each group's reduction is only its rows (512 at 8192 tokens, E32 top-2), so every
+// output tile spends a large share of its time in pipeline fill and its store. Ping-pong gives each
+// consumer warpgroup a 128x128 tile of its own: one's epilogue runs under the other's MMAs. Measured on
+// the H200 at M1 shapes against the cooperative 128x256 tile: dW_down 3.50 -> 3.20 ms, dW_gate_up
+// 7.68 -> 6.71 ms (0.84 and 0.80 of the dense rate; torch._grouped_mm 0.77 and 0.75).
+struct WgradTile {
+  using TileShape = cute::Shape<cute::_128, cute::_128, cute::_64>;
+  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using MainloopSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+};
+
 // Plain epilogue: D = acc (alpha 1; ElementC void skips the source load entirely).
 template <class T>
 struct PlainEpilogue {
@@ -179,7 +191,7 @@ using NkSmall = GroupedGemm<T, cutlass::layout::RowMajor, cutlass::layout::Colum
 template <class T>
 using KnLarge = GroupedGemm<T, cutlass::layout::RowMajor, cutlass::layout::RowMajor, LargeTile>;
 template <class T>
-using Wgrad = GroupedGemm<T, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor, LargeTile>;
+using Wgrad = GroupedGemm<T, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor, WgradTile>;
 template <class T>
 using NkGated = GroupedGemm<T, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor, LargeTile, GatedEpilogue<T>>;
 

@@ -17,7 +17,7 @@ enum class Kernel : int {
   kNkLarge = 0,  // A K-major (X rows), B K-major (W_e [N, K]); cooperative 128x256x64, cluster 2x1
   kNkSmall = 1,  // same layouts; ping-pong 64x128x128, no cluster (decode-sized groups)
   kKnLarge = 2,  // A K-major, B N-major (W_e [K, N]); cooperative 128x256x64, cluster 2x1
-  kWgrad = 3,    // A M-major (P_e^T), B N-major (Q_e^T), K = tokens of the group; cooperative
+  kWgrad = 3,    // A M-major (P_e^T), B N-major (Q_e^T), K = tokens of the group; ping-pong 128x128x64
   kNkGated = 4,  // as kNkLarge with the epilogue D = silu(C) * acc, C = the gate GEMM's output
 };
 
