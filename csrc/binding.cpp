@@ -137,4 +137,13 @@ PYBIND11_MODULE(_cuda, m) {
          uintptr_t stream) { m1::swiglu(cptr(gate_up), in_row_stride, mptr(out), rows, f, code(dtype), stream); },
       py::kw_only(), py::arg("gate_up"), py::arg("in_row_stride"), py::arg("out"), py::arg("rows"), py::arg("f"),
       py::arg("dtype"), py::arg("stream"), "out = silu(gate_up[:, :F]) * gate_up[:, F:] (16-byte vectors).");
+  m.def(
+      "swiglu_backward",
+      [](uintptr_t dh, uintptr_t gate_up, int64_t in_row_stride, uintptr_t out, int64_t rows, int64_t f,
+         m1::DType dtype, uintptr_t stream) {
+        m1::swiglu_backward(cptr(dh), cptr(gate_up), in_row_stride, mptr(out), rows, f, code(dtype), stream);
+      },
+      py::kw_only(), py::arg("dh"), py::arg("gate_up"), py::arg("in_row_stride"), py::arg("out"), py::arg("rows"),
+      py::arg("f"), py::arg("dtype"), py::arg("stream"),
+      "out = [d_gate | d_up] of silu(gate) * up from dh and gate_up = [gate | up] (16-byte vectors).");
 }

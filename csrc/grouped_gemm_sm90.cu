@@ -17,6 +17,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace m1 {
@@ -135,6 +136,49 @@ __global__ void swiglu_kernel(const T* gate_up, int64_t in_row_stride, T* out, i
   }
 }
 
+// Calls fn with a null pointer of the element type of `dtype` (bf16 or fp16, already checked).
+template <class Fn>
+void with_element_type(int dtype, Fn&& fn) {
+  if (dtype == static_cast<int>(DType::kBFloat16)) {
+    fn(static_cast<__nv_bfloat16*>(nullptr));
+  } else {
+    fn(static_cast<__half*>(nullptr));
+  }
+}
+
+// d[gate | up] of h = silu(gate) * up from dh (the GEMM's bf16/fp16 output), fp32 math:
+// d_gate = dh * up * s * (1 + gate * (1 - s)), d_up = dh * gate * s with s = sigmoid(gate).
+template <class T>
+__global__ void swiglu_backward_kernel(const T* dh, const T* gate_up, int64_t in_row_stride, T* out, int64_t rows,
+                                       int64_t f) {
+  const int64_t vecs_per_row = f / 8;
+  const int64_t total = rows * vecs_per_row;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = i / vecs_per_row;
+    const int64_t col = (i - row * vecs_per_row) * 8;
+    const T* in = gate_up + row * in_row_stride + col;
+    const uint4 g4 = *reinterpret_cast<const uint4*>(in);
+    const uint4 u4 = *reinterpret_cast<const uint4*>(in + f);
+    const uint4 d4 = *reinterpret_cast<const uint4*>(dh + row * f + col);
+    const T* g = reinterpret_cast<const T*>(&g4);
+    const T* u = reinterpret_cast<const T*>(&u4);
+    const T* d = reinterpret_cast<const T*>(&d4);
+    uint4 dg4, du4;
+    T* dg = reinterpret_cast<T*>(&dg4);
+    T* du = reinterpret_cast<T*>(&du4);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float gj = to_float(g[j]), dj = to_float(d[j]);
+      const float sig = 1.f / (1.f + __expf(-gj));
+      dg[j] = from_float<T>(dj * to_float(u[j]) * sig * (1.f + gj * (1.f - sig)));
+      du[j] = from_float<T>(dj * gj * sig);
+    }
+    T* o = out + row * 2 * f + col;
+    *reinterpret_cast<uint4*>(o) = dg4;
+    *reinterpret_cast<uint4*>(o + f) = du4;
+  }
+}
+
 }  // namespace
 
 size_t grouped_gemm_workspace_size(int64_t num_experts, int device) {
@@ -230,15 +274,30 @@ void swiglu(const void* gate_up, int64_t in_row_stride, void* out, int64_t rows,
   check_aligned("out", out);
   if (rows == 0) return;
   const unsigned blocks = grid_for(rows * (f / 8), 4096, 256);
-  const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  if (dtype == static_cast<int>(DType::kBFloat16)) {
-    swiglu_kernel<__nv_bfloat16><<<blocks, 256, 0, s>>>(static_cast<const __nv_bfloat16*>(gate_up), in_row_stride,
-                                                         static_cast<__nv_bfloat16*>(out), rows, f);
-  } else {
-    swiglu_kernel<__half><<<blocks, 256, 0, s>>>(static_cast<const __half*>(gate_up), in_row_stride,
-                                                  static_cast<__half*>(out), rows, f);
-  }
+  with_element_type(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    swiglu_kernel<T><<<blocks, 256, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+        static_cast<const T*>(gate_up), in_row_stride, static_cast<T*>(out), rows, f);
+  });
   check_launch("swiglu");
+}
+
+void swiglu_backward(const void* dh, const void* gate_up, int64_t in_row_stride, void* out, int64_t rows, int64_t f,
+                     int dtype, uintptr_t stream) {
+  check_dtype(dtype);
+  check_multiple_of_8("f (SwiGLU width)", f);
+  check_multiple_of_8("gate_up row stride", in_row_stride);
+  check_aligned("dh", dh);
+  check_aligned("gate_up", gate_up);
+  check_aligned("out", out);
+  if (rows == 0) return;
+  const unsigned blocks = grid_for(rows * (f / 8), 4096, 256);
+  with_element_type(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    swiglu_backward_kernel<T><<<blocks, 256, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+        static_cast<const T*>(dh), static_cast<const T*>(gate_up), in_row_stride, static_cast<T*>(out), rows, f);
+  });
+  check_launch("swiglu_backward");
 }
 
 }  // namespace m1

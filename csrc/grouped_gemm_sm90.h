@@ -67,4 +67,9 @@ void grouped_gemm_wgrad(const GroupedWgradArgs& args);
 void swiglu(const void* gate_up, int64_t in_row_stride, void* out, int64_t rows, int64_t f, int dtype,
             uintptr_t stream);
 
+// out = [d_gate | d_up] [rows, 2F] (contiguous) of h = silu(gate) * up, from dh [rows, F] (contiguous) and
+// gate_up as for swiglu; fp32 math, F % 8 == 0 and 16-byte aligned rows.
+void swiglu_backward(const void* dh, const void* gate_up, int64_t in_row_stride, void* out, int64_t rows, int64_t f,
+                     int dtype, uintptr_t stream);
+
 }  // namespace m1

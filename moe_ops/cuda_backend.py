@@ -128,6 +128,24 @@ def swiglu(gate_up):
     return h
 
 
+def swiglu_backward(dh, gate_up):
+    """[d_gate | d_up] [M, 2F] of h = silu(gate_up[:, :F]) * gate_up[:, F:] from dh [M, F], fp32 math."""
+    ext = cuda_extension(dh.device)
+    M, F = dh.shape
+    _check_tma("dh", dh, ("F (dh.shape[1])", F), ("dh.stride(0)", dh.stride(0)))
+    _check_tma("gate_up", gate_up, ("gate_up.stride(0)", gate_up.stride(0)))
+    if dh.stride(0) != F:
+        raise ValueError(f"dh must be contiguous for the cuda backend, got strides {dh.stride()}")
+    if gate_up.shape != (M, 2 * F) or gate_up.dtype != dh.dtype:
+        raise ValueError(f"gate_up must be [{M}, {2 * F}] {dh.dtype} like dh, got {list(gate_up.shape)} "
+                         f"{gate_up.dtype}")
+    out = torch.empty(M, 2 * F, dtype=dh.dtype, device=dh.device)
+    with _device_ctx(dh):
+        ext.swiglu_backward(dh=ptr(dh), gate_up=ptr(gate_up), in_row_stride=gate_up.stride(0), out=ptr(out), rows=M,
+                            f=F, dtype=kernel_dtype(dh.dtype), stream=stream_of(dh))
+    return out
+
+
 def _fuse_swiglu(x, num_experts, store_preact):
     if store_preact:  # the backward needs [gate | up]
         return False
@@ -152,12 +170,7 @@ def grouped_gemm_swiglu(x, gate_up_proj, offsets, store_preact):
 
 
 def grouped_gemm_swiglu_backward(dy, down_proj, offsets, preact):
-    """d[gate | up] from dy [M, H] through y = h down_e^T (down_proj [E, H, F]) and h = silu(gate) * up
-    (the elementwise part in fp32 PyTorch: training-only, memory-bound, small next to the GEMMs)."""
-    dh = grouped_gemm(dy, down_proj, offsets, "kn").float()
-    F = dh.shape[1]
-    gate, up = preact[:, :F].float(), preact[:, F:].float()
-    sig = torch.sigmoid(gate)
-    d_gate = dh * up * sig * (1 + gate * (1 - sig))
-    d_up = dh * gate * sig
-    return torch.cat([d_gate, d_up], dim=1).to(dy.dtype)
+    """d[gate | up] from dy [M, H] through y = h down_e^T (down_proj [E, H, F]) and h = silu(gate) * up: the
+    grouped GEMM, then one vectorised pass over dh and [gate | up] (with the elementwise part in fp32 PyTorch
+    the whole took 8.2 ms at M1 shapes, where torch._grouped_mm's GEMM alone takes 2.9)."""
+    return swiglu_backward(grouped_gemm(dy, down_proj, offsets, "kn"), preact)

@@ -3,7 +3,7 @@
 GPU: forward, dX and dW against a per-expert loop (float64 for small shapes, float32 at M1 shapes),
 error within 2x of the same-precision PyTorch loop; both weight layouts, both tiles, empty experts,
 all rows on one expert, a single row, rows that no expert covers, M1 shapes (E32 H6144 F9216, the TP
-shard F1152 and the EP shard of 4 experts), the SwiGLU kernel and the SwiGLU epilogue of the up GEMM,
+shard F1152 and the EP shard of 4 experts), the SwiGLU kernel and its backward, the SwiGLU epilogue of the up GEMM,
 NaN-prefilled outputs, CUDA-graph
 capture with offsets that change between replays (the offsets are only read on the device).
 CPU: the extension exports the entries, its argument checks raise ValueError naming the argument,
@@ -152,6 +152,29 @@ def test_swiglu_kernel(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_backward_kernel(dtype):
+    """[d_gate | d_up] from dh and [gate | up], against float64 autograd through silu(gate) * up; gate_up with a
+    row stride wider than its 2F columns."""
+    g = torch.Generator().manual_seed(3)
+    F = 136
+    wide = (torch.randn(37, 2 * F + 16, generator=g) * 3).to(device="cuda", dtype=dtype)
+    gate_up = wide[:, :2 * F]
+    dh = torch.randn(37, F, generator=g).to(device="cuda", dtype=dtype)
+    with nan_filled_outputs():
+        d = cuda_backend.swiglu_backward(dh, gate_up)
+
+    def grad(dtype_of_math):
+        pre = gate_up.to(dtype_of_math).requires_grad_()
+        (torch.nn.functional.silu(pre[:, :F]) * pre[:, F:]).backward(dh.to(dtype_of_math))
+        return pre.grad
+    assert_within_2x("d[gate | up]", d, grad(torch.float64), grad(dtype))
+    for bad in (gate_up[:, :F], gate_up.to(torch.float16 if dtype == torch.bfloat16 else torch.bfloat16)):
+        with pytest.raises(ValueError, match="gate_up must be"):
+            cuda_backend.swiglu_backward(dh, bad)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("M,E,kind", [(1, 4, "random"), (300, 3, "alternate_empty"), (3000, 8, "random"),
                                       (777, 5, "one_expert")])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -255,7 +278,7 @@ def test_captures_in_a_cuda_graph_and_follows_new_offsets(tokens):
 
 def test_extension_exports_the_grouped_gemm_entries():
     ext = _extension()
-    for name in ("grouped_gemm", "grouped_gemm_wgrad", "grouped_gemm_workspace_size", "swiglu"):
+    for name in ("grouped_gemm", "grouped_gemm_wgrad", "grouped_gemm_workspace_size", "swiglu", "swiglu_backward"):
         assert callable(getattr(ext, name, None)), f"m1_kernels._cuda lacks {name}"
     assert [name for name in cuda_backend.TILES if not hasattr(ext.GroupedGemmTile, name)] == []
     assert ext.GROUPED_GEMM_SMALL_TILE_MAX_ROWS_PER_EXPERT > 0
@@ -281,6 +304,21 @@ def test_extension_rejects_bad_arguments_before_touching_the_gpu(field, value, m
         args["gate"] = 1 << 25
     with pytest.raises(ValueError, match=message):
         ext.grouped_gemm(**args)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("f", 12, "f \\(SwiGLU width\\) must be a positive multiple of 8"),
+    ("in_row_stride", 68, "gate_up row stride must be a positive multiple of 8"),
+    ("dh", 8, "dh must be 16-byte aligned"),
+    ("out", 1 << 22 | 4, "out must be 16-byte aligned"),
+])
+def test_swiglu_backward_rejects_bad_arguments_before_touching_the_gpu(field, value, message):
+    ext = _extension()
+    args = dict(dh=1 << 20, gate_up=1 << 21, in_row_stride=128, out=1 << 22, rows=4, f=64, dtype=ext.DType.bfloat16,
+                stream=0)
+    args[field] = value
+    with pytest.raises(ValueError, match=message):
+        ext.swiglu_backward(**args)
 
 
 @pytest.mark.skipif(ON_GPU, reason="checks the behaviour without a GPU")
