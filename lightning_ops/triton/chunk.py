@@ -265,14 +265,17 @@ class _KeepSlotStates:
 _keep_slot_states = _KeepSlotStates()
 
 
-@triton.autotune(configs=_configs(OUTPUT_TIERS), key=["H", "D", "DV", "REVERSE"],
+# LEN_BUCKET (the mean sequence length, a power of two up to the segment length) keys the tuning: a pack of
+# short sequences is thousands of programs of a few blocks each, a long sequence fewer and longer ones, and one
+# config tuned on whichever came first would serve both.
+@triton.autotune(configs=_configs(OUTPUT_TIERS), key=["H", "D", "DV", "REVERSE", "LEN_BUCKET"],
                  prune_configs_by=dict(early_config_prune=autotune_prune(
                      _fitting_tier(OUTPUT_TIERS, _output_shared_bytes, "q_ptr"))),
                  pre_hook=_keep_slot_states.before, post_hook=_keep_slot_states.after)
 @triton.jit
 def _segment_output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slope_ptr, start_ptr, h0_ptr, final_ptr, seg_seq_ptr,
                            seg_lo_ptr, cu_ptr, slot_ptr, T, G, SEG, num_slots, out_scale, kv_scale,
-                           stride_start_row, stride_start_d, stride_start_e,
+                           stride_start_row, stride_start_d, stride_start_e, LEN_BUCKET,
                            H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
                            BV: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
                            USE_SLOTS: tl.constexpr, HAS_H0: tl.constexpr, HAS_FINAL: tl.constexpr,
@@ -443,10 +446,11 @@ def chunk_lightning(q, k, v, slope, h0, cu_seqlens, *, out_scale=1.0, kv_scale=1
             BE=min(SCAN_ELEMENTS, D * Dv), HAS_H0=h0 is not None, HAS_FINAL=final is not None,
             USE_SLOTS=use_slots, REVERSE=reverse, VARLEN=cu is not None, num_warps=4)
     if rows:
+        len_bucket = min(seg, triton.next_power_of_2(max(1, B * T // max(N, 1))))
         _segment_output_kernel[lambda meta: (value_tiles(meta), rows, H)](
             q, k, v, o, slope, states, h0, final, seg_seq, seg_lo, cu, slot_idx, T, G, seg, num_slots,
-            float(out_scale), float(kv_scale), states.stride(0), states.stride(2), states.stride(3), H=H, D=D,
-            DV=Dv, REVERSE=reverse, VARLEN=cu is not None, USE_SLOTS=use_slots, HAS_H0=h0 is not None,
+            float(out_scale), float(kv_scale), states.stride(0), states.stride(2), states.stride(3), len_bucket,
+            H=H, D=D, DV=Dv, REVERSE=reverse, VARLEN=cu is not None, USE_SLOTS=use_slots, HAS_H0=h0 is not None,
             HAS_FINAL=final is not None, SPLIT=exact_sums, DOT_PREC=dot_prec)
     if return_starts:
         return o, final, SegmentStarts(states, seg)
