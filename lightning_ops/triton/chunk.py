@@ -272,7 +272,7 @@ _keep_slot_states = _KeepSlotStates()
                  prune_configs_by=dict(early_config_prune=autotune_prune(
                      _fitting_tier(OUTPUT_TIERS, _output_shared_bytes, "q_ptr"))),
                  pre_hook=_keep_slot_states.before, post_hook=_keep_slot_states.after)
-@triton.jit
+@triton.jit(do_not_specialize=["LEN_BUCKET"])  # a tuning key only: no compiled variant per value
 def _segment_output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slope_ptr, start_ptr, h0_ptr, final_ptr, seg_seq_ptr,
                            seg_lo_ptr, cu_ptr, slot_ptr, T, G, SEG, num_slots, out_scale, kv_scale,
                            stride_start_row, stride_start_d, stride_start_e, LEN_BUCKET,
