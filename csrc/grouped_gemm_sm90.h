@@ -9,7 +9,7 @@ namespace m1 {
 // Tile configurations compiled into the extension (see grouped_gemm_sm90.cu for the reasoning).
 enum class GroupedGemmTile : int {
   kAuto = -1,   // pick from the average rows per expert
-  kLarge = 0,   // cooperative 128x256x64, cluster 2x1: prefill / training sized groups
+  kLarge = 0,   // cooperative 128x256x64, no cluster: prefill / training sized groups
   kSmall = 1,   // ping-pong 64x128x128, no cluster: decode sized groups (weight streaming)
 };
 

@@ -44,7 +44,10 @@ using GroupShape = ProblemShape::UnderlyingProblemShape;
 // the dense rate on H100 for K-major bf16. No cluster: a 2x1 cluster (torch._grouped_mm's choice,
 // multicasting the weight tile to two row tiles) pairs every expert's odd last row tile with an
 // all-padding tile that still runs the whole mainloop, ~20% extra tiles at 8192 tokens (~4.5 row
-// tiles per expert); 1x2 would do the same to the odd column counts of the TP shard (N 2304).
+// tiles per expert); 1x2 would do the same to the odd column counts of the TP shard (N 2304). Measured on
+// the H200 at M1 shapes (bench/NOTES.md, session 14), forward pair at 8192 tokens: this tile 9.39 ms,
+// cooperative 2x1 10.20, 1x2 9.70, ping-pong 128x128 10.53; fused_moe forward+backward 30.6 ms against
+// 31.3-37.1 for the others. The "kn" GEMMs (dH, dX) with the other tiles were within the noise or slower.
 struct LargeTile {
   using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;

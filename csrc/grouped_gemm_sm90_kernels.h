@@ -14,9 +14,9 @@ namespace grouped_detail {
 // One compiled CUTLASS kernel per entry (per dtype). Layout names follow the GEMM D = A B^T with
 // A [M, K] and B [N, K] as CUTLASS sees them.
 enum class Kernel : int {
-  kNkLarge = 0,  // A K-major (X rows), B K-major (W_e [N, K]); cooperative 128x256x64, cluster 2x1
+  kNkLarge = 0,  // A K-major (X rows), B K-major (W_e [N, K]); cooperative 128x256x64, no cluster
   kNkSmall = 1,  // same layouts; ping-pong 64x128x128, no cluster (decode-sized groups)
-  kKnLarge = 2,  // A K-major, B N-major (W_e [K, N]); cooperative 128x256x64, cluster 2x1
+  kKnLarge = 2,  // A K-major, B N-major (W_e [K, N]); cooperative 128x256x64, no cluster
   kWgrad = 3,    // A M-major (P_e^T), B N-major (Q_e^T), K = tokens of the group; ping-pong 128x128x64
   kNkGated = 4,  // as kNkLarge with the epilogue D = silu(C) * acc, C = the gate GEMM's output
 };

@@ -332,6 +332,43 @@ def test_unsorted_cu_seqlens_rejected():
         lightning_ops.lightning_attn(q, k, v, slope, cu_seqlens=torch.tensor([0, 3, 7]), backend="torch")
 
 
+def test_value_checks_run_once_per_cuda_tensor_version():
+    """The host reads of cu_seqlens and slope: every call on CPU tensors; once per version (and packed
+    length) of any other tensor, so a model's layers sharing one cu_seqlens synchronise once."""
+    calls = []
+    check = lambda: calls.append(1)  # noqa: E731
+    valid = {}
+    cpu, dev = torch.zeros(3), torch.zeros(3, device="meta")
+    for _ in range(2):
+        ops._check_once(valid, cpu, check, 70)
+    assert len(calls) == 2 and cpu not in valid
+    for _ in range(2):
+        ops._check_once(valid, dev, check, 70)
+    assert len(calls) == 3 and valid[dev] == (dev._version, 70)
+    ops._check_once(valid, dev, check, 60)   # another packed length
+    dev.add_(1)                              # an in-place change
+    ops._check_once(valid, dev, check, 60)
+    assert len(calls) == 5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+def test_cu_seqlens_checked_once_per_cuda_tensor(backend):
+    """On CUDA the prefill reads a cu_seqlens tensor on the host once per version and packed length: a
+    shorter pack and an in-place change are checked (and rejected) again."""
+    require_backend(backend, ATTN_BACKENDS)
+    q, k, v = (torch.randn(1, 70, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    slope = lightning_ops.slopes(2, 0, 80, device="cuda")
+    cu = torch.tensor([0, 30, 70], dtype=torch.int32, device="cuda")
+    lightning_ops.lightning_attn(q, k, v, slope, cu_seqlens=cu, backend=backend)
+    assert ops._VALID_CU_SEQLENS.get(cu) == (cu._version, 70)
+    with pytest.raises(ValueError, match="end at the packed length 60"):
+        lightning_ops.lightning_attn(q[:, :60], k[:, :60], v[:, :60], slope, cu_seqlens=cu, backend=backend)
+    cu[1] = 71
+    with pytest.raises(ValueError, match="non-decreasing"):
+        lightning_ops.lightning_attn(q, k, v, slope, cu_seqlens=cu, backend=backend)
+
+
 def test_decode_bad_input_rejected():
     q, k, v = (torch.randn(2, 2, 64) for _ in range(3))
     slope = lightning_ops.slopes(2, 0, 80)
@@ -413,7 +450,7 @@ def test_bad_slope_on_cuda(backend):
     q, k, v = (torch.randn(1, 70, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     slope = lightning_ops.slopes(2, 0, 80, device="cuda")
     lightning_ops.lightning_attn(q, k, v, slope, backend=backend)
-    assert ops._VALID_SLOPES.get(slope) == slope._version
+    assert ops._VALID_SLOPES.get(slope) == (slope._version,)
     slope.neg_()
     with pytest.raises(ValueError, match="slope must hold finite rates >= 0"):
         lightning_ops.lightning_attn(q, k, v, slope, backend=backend)
