@@ -144,12 +144,12 @@ _VALID_SLOPES = WeakIdKeyDictionary()
 _VALID_CU_SEQLENS = WeakIdKeyDictionary()
 
 
-def _check_once(valid, tensor, check, *context):
-    """Runs `check()` unless `tensor` passed it on CUDA in this version (and `context`)."""
-    key = (tensor._version, *context)
+def _check_once(valid, check, tensor, *args):
+    """Runs `check(tensor, *args)` unless `tensor` passed it on CUDA in this version with these args."""
+    key = (tensor._version, *args)
     if valid.get(tensor) == key:
         return
-    check()
+    check(tensor, *args)
     if tensor.device.type != "cpu":
         valid[tensor] = key
 
@@ -173,9 +173,9 @@ def _check_values(device, *, slope=None, cu_seqlens=None, total=None, slot_idx=N
     if not can_read_values(device):
         return
     if cu_seqlens is not None:
-        _check_once(_VALID_CU_SEQLENS, cu_seqlens, lambda: _check_cu_seqlens_values(cu_seqlens, total), total)
+        _check_once(_VALID_CU_SEQLENS, _check_cu_seqlens_values, cu_seqlens, total)
     if slope is not None:
-        _check_once(_VALID_SLOPES, slope, lambda: _check_slope_values(slope))
+        _check_once(_VALID_SLOPES, _check_slope_values, slope)
     if slot_idx is not None and slot_idx.device.type == "cpu":
         used = slot_idx[slot_idx >= 0]
         if used.numel() and int(used.max()) >= num_slots:

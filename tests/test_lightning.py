@@ -336,19 +336,19 @@ def test_value_checks_run_once_per_cuda_tensor_version():
     """The host reads of cu_seqlens and slope: every call on CPU tensors; once per version (and packed
     length) of any other tensor, so a model's layers sharing one cu_seqlens synchronise once."""
     calls = []
-    check = lambda: calls.append(1)  # noqa: E731
+    check = lambda tensor, total: calls.append(total)  # noqa: E731
     valid = {}
     cpu, dev = torch.zeros(3), torch.zeros(3, device="meta")
     for _ in range(2):
-        ops._check_once(valid, cpu, check, 70)
+        ops._check_once(valid, check, cpu, 70)
     assert len(calls) == 2 and cpu not in valid
     for _ in range(2):
-        ops._check_once(valid, dev, check, 70)
+        ops._check_once(valid, check, dev, 70)
     assert len(calls) == 3 and valid[dev] == (dev._version, 70)
-    ops._check_once(valid, dev, check, 60)   # another packed length
+    ops._check_once(valid, check, dev, 60)   # another packed length
     dev.add_(1)                              # an in-place change
-    ops._check_once(valid, dev, check, 60)
-    assert len(calls) == 5
+    ops._check_once(valid, check, dev, 60)
+    assert calls == [70, 70, 70, 60, 60]
 
 
 @pytest.mark.gpu
