@@ -81,22 +81,25 @@ PYBIND11_MODULE(_cuda, m) {
          Strides3 v_strides, Strides3 o_strides, uintptr_t slope, uintptr_t initial_state, uintptr_t final_state,
          uintptr_t slot_idx, uintptr_t segment_states, uintptr_t segments, uintptr_t sequences,
          int64_t num_segments, int64_t num_sequences, int64_t num_heads, int64_t head_dim, int64_t value_dim,
-         m1::DType dtype, double scale, uintptr_t stream) {
+         m1::DType dtype, double scale, double kv_scale, bool adjoint, uintptr_t stream) {
         m1::LightningPrefillArgs a{cptr(q), cptr(k), cptr(v), mptr(o),
                                    q_strides[0], q_strides[1], q_strides[2], k_strides[0], k_strides[1],
                                    k_strides[2], v_strides[0], v_strides[1], v_strides[2], o_strides[0],
                                    o_strides[1], o_strides[2], cptr(slope), cptr(initial_state),
                                    mptr(final_state), cptr(slot_idx), mptr(segment_states), cptr(segments),
                                    cptr(sequences), num_segments, num_sequences, num_heads, head_dim, value_dim,
-                                   code(dtype), static_cast<float>(scale), stream};
+                                   code(dtype), static_cast<float>(scale), static_cast<float>(kv_scale),
+                                   adjoint ? 1 : 0, stream};
         m1::lightning_prefill_forward(a);
       },
       py::kw_only(), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("q_strides"),
       py::arg("k_strides"), py::arg("v_strides"), py::arg("o_strides"), py::arg("slope"), py::arg("initial_state"),
       py::arg("final_state"), py::arg("slot_idx"), py::arg("segment_states"), py::arg("segments"),
       py::arg("sequences"), py::arg("num_segments"), py::arg("num_sequences"), py::arg("num_heads"),
-      py::arg("head_dim"), py::arg("value_dim"), py::arg("dtype"), py::arg("scale"), py::arg("stream"),
-      "Lightning-attention prefill forward over a segment table (see lightning_prefill.h).");
+      py::arg("head_dim"), py::arg("value_dim"), py::arg("dtype"), py::arg("scale"), py::arg("kv_scale"),
+      py::arg("adjoint"), py::arg("stream"),
+      "Lightning-attention prefill over a segment table (see lightning_prefill.h); the backward runs it on its "
+      "adjoint recurrences (kv_scale, adjoint, negative token strides).");
 
   m.def("grouped_gemm_workspace_size", &m1::grouped_gemm_workspace_size, py::kw_only(), py::arg("num_experts"),
         py::arg("device"),

@@ -10,11 +10,19 @@
 // loop above from each segment's starting state, writing o. q, k and v are read 1.5 times on the
 // whole (k and v twice per 64-column slice of the state); no per-chunk state ever reaches memory.
 //
-// Work split: a block of 4 warps owns (segment, head, 64 state columns). Warp w computes output rows
+// Work split: a block of 4 warps owns (segment, head, 64 state columns). The column slices of one
+// (segment, head) are adjacent in launch order, so they run together and the q and k tiles they all
+// read come from DRAM once (the other slices hit L2). Warp w computes output rows
 // 16w..16w+15 of each chunk and holds state rows w*D/4 .. (w+1)*D/4 - 1 in registers (mma accumulator
 // layout, D/64 m-tiles of 16 rows). Chunks stream through two shared-memory stages (cp.async): the
 // next chunk's loads are in flight while this one is computed.
 // Decay factors are always exp of a non-positive number: they underflow to 0, never overflow.
+//
+// The backward runs these kernels on its adjoint recurrences (lightning_ops/cuda_backend.py): two of
+// them walk time backwards (negative token strides) and scale each k^T v term by kv_scale instead of the
+// output. With `adjoint` set, states sit one step later: the initial state enters at the first token
+// undecayed (dS_{T-1} = dfinal + ...), and the final state is decayed once more (lambda dS_0, the
+// gradient of the forward's initial state; an empty sequence passes its initial state through).
 #include "common.h"
 #include "lightning_prefill.h"
 
@@ -148,20 +156,20 @@ __device__ __forceinline__ void load_tile(T* tile, int tile_stride, const T* bas
   }
 }
 
-// S <- lambda^L S + K^T diag(lambda^(L-1-j)) V for the chunk in shared memory; this warp holds state
-// rows w*D/4.. as S[m-tile][n-tile][4] in mma accumulator layout.
+// S <- state_decay S + kv_scale K^T diag(lambda^(L-1-j)) V for the chunk in shared memory (state_decay is
+// lambda^L, or lambda^(L-1) where an undecayed initial state is S); this warp holds state rows w*D/4.. as
+// S[m-tile][n-tile][4] in mma accumulator layout.
 template <typename T, int D>
 __device__ __forceinline__ void update_state(float (&S)[kStateTiles<D>][8][4], const T* k_tile, const T* v_tile,
-                                             int length, float rate) {
+                                             int length, float rate, float state_decay, float kv_scale) {
   using L = Smem<D>;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const float chunk_decay = __expf(-rate * length);
 #pragma unroll
   for (int mt = 0; mt < kStateTiles<D>; ++mt)
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) S[mt][nt][i] *= chunk_decay;
+      for (int i = 0; i < 4; ++i) S[mt][nt][i] *= state_decay;
 
 #pragma unroll
   for (int kk = 0; kk < kChunk / 16; ++kk) {
@@ -171,7 +179,7 @@ __device__ __forceinline__ void update_state(float (&S)[kStateTiles<D>][8][4], c
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int t = tok + (j & 1) + (j >> 1) * 8;
-      kd[j] = t < length ? __expf(-rate * (length - 1 - t)) : 0.f;
+      kd[j] = t < length ? kv_scale * __expf(-rate * (length - 1 - t)) : 0.f;
     }
     uint32_t a[2][4];
 #pragma unroll
@@ -206,6 +214,17 @@ __device__ __forceinline__ int64_t state_offset(int mt, int nt, int half, int64_
   return int64_t((D / 4) * warp + 16 * mt + lane / 4 + 8 * half) * row_stride + 8 * nt + 2 * (lane % 4);
 }
 
+// The sums and output kernels' grid: x = (segment, column slice) with the slices innermost, y = head.
+struct BlockWork {
+  int segment, head, col0;
+};
+
+__device__ __forceinline__ BlockWork block_work(const LightningPrefillArgs& a) {
+  const int slices = static_cast<int>(a.value_dim / kBV);
+  return {static_cast<int>(blockIdx.x) / slices, static_cast<int>(blockIdx.y),
+          static_cast<int>(blockIdx.x) % slices * kBV};
+}
+
 // ------------------------------------------------------------------------------------------------
 // Kernels
 
@@ -216,13 +235,14 @@ __global__ void __launch_bounds__(kThreads) segment_sums_kernel(LightningPrefill
   using L = Smem<D>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
-  const Segment seg = reinterpret_cast<const Segment*>(a.segments)[blockIdx.x];
+  const BlockWork w = block_work(a);
+  const Segment seg = reinterpret_cast<const Segment*>(a.segments)[w.segment];
   if (a.final_state == nullptr && a.slot_idx == nullptr) {
     // No final state asked for: the last segment's sum would only feed it (the scan skips it too).
     const int2 range = reinterpret_cast<const int2*>(a.sequences)[seg.seq];
-    if (int(blockIdx.x) == range.x + range.y - 1) return;
+    if (w.segment == range.x + range.y - 1) return;
   }
-  const int h = blockIdx.y, col0 = blockIdx.z * kBV;
+  const int h = w.head, col0 = w.col0;
   const float rate = static_cast<const float*>(a.slope)[h];
   const T* k = static_cast<const T*>(a.k) + seg.b * a.k_stride_b + int64_t(seg.t_start) * a.k_stride_t + h * a.k_stride_h;
   const T* v = static_cast<const T*>(a.v) + seg.b * a.v_stride_b + int64_t(seg.t_start) * a.v_stride_t +
@@ -243,11 +263,11 @@ __global__ void __launch_bounds__(kThreads) segment_sums_kernel(LightningPrefill
     cp_async_wait<1>();
     __syncthreads();
     T* tiles = smem + stage * L::kSumsStage;
-    update_state<T, D>(S, tiles + L::kK, tiles + L::kV, len, rate);
+    update_state<T, D>(S, tiles + L::kK, tiles + L::kV, len, rate, __expf(-rate * len), a.kv_scale);
     __syncthreads();    // the next iteration's loads overwrite this stage
   }
   float* out = static_cast<float*>(a.segment_states) +
-               ((int64_t(blockIdx.x) * a.num_heads + h) * D) * a.value_dim + col0;
+               ((int64_t(w.segment) * a.num_heads + h) * D) * a.value_dim + col0;
 #pragma unroll
   for (int mt = 0; mt < kStateTiles<D>; ++mt)
 #pragma unroll
@@ -292,10 +312,16 @@ __global__ void __launch_bounds__(256) segment_scan_kernel(LightningPrefillArgs 
     if (g + 1 < sums_end) next = *sum_at(g + 1);
     *sum_at(g) = run;
     if (g < sums_end) {
-      const float decay = __expf(-rate * segs[g].length);
+      // An adjoint initial state has one step less of decay in the first segment.
+      const int steps = segs[g].length - (g == range.x && a.adjoint ? 1 : 0);
+      const float decay = __expf(-rate * steps);
       run = make_float4(fmaf(decay, run.x, sum.x), fmaf(decay, run.y, sum.y), fmaf(decay, run.z, sum.z),
                         fmaf(decay, run.w, sum.w));
     }
+  }
+  if (a.adjoint && range.y > 0) {  // ... and the final state one step more
+    const float decay = __expf(-rate);
+    run = make_float4(decay * run.x, decay * run.y, decay * run.z, decay * run.w);
   }
   if (needs_final) {
     float* final_state = static_cast<float*>(from_cache ? const_cast<void*>(a.initial_state) : a.final_state);
@@ -311,8 +337,9 @@ __global__ void __launch_bounds__(kThreads) segment_output_kernel(LightningPrefi
   T* smem = reinterpret_cast<T*>(smem_raw);
   T* s_tile = smem + L::kS;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const Segment seg = reinterpret_cast<const Segment*>(a.segments)[blockIdx.x];
-  const int h = blockIdx.y, col0 = blockIdx.z * kBV;
+  const BlockWork w = block_work(a);
+  const Segment seg = reinterpret_cast<const Segment*>(a.segments)[w.segment];
+  const int h = w.head, col0 = w.col0;
   const float rate = static_cast<const float*>(a.slope)[h];
   const T* q = static_cast<const T*>(a.q) + seg.b * a.q_stride_b + int64_t(seg.t_start) * a.q_stride_t + h * a.q_stride_h;
   const T* k = static_cast<const T*>(a.k) + seg.b * a.k_stride_b + int64_t(seg.t_start) * a.k_stride_t + h * a.k_stride_h;
@@ -329,7 +356,7 @@ __global__ void __launch_bounds__(kThreads) segment_output_kernel(LightningPrefi
 
   float S[kStateTiles<D>][8][4];
   const float* start = static_cast<const float*>(a.segment_states) +
-                       ((int64_t(blockIdx.x) * a.num_heads + h) * D) * a.value_dim + col0;
+                       ((int64_t(w.segment) * a.num_heads + h) * D) * a.value_dim + col0;
 #pragma unroll
   for (int mt = 0; mt < kStateTiles<D>; ++mt)
 #pragma unroll
@@ -342,7 +369,10 @@ __global__ void __launch_bounds__(kThreads) segment_output_kernel(LightningPrefi
       }
 
   const int row_lo = 16 * warp + lane / 4, row_hi = row_lo + 8;   // this thread's output rows in a chunk
-  const float q_decay_lo = __expf(-rate * (row_lo + 1)), q_decay_hi = __expf(-rate * (row_hi + 1));
+  // An adjoint initial state decays one step less than a state carried into a chunk (in the sequence's
+  // first chunk only).
+  const bool starts_undecayed =
+      a.adjoint && reinterpret_cast<const int2*>(a.sequences)[seg.seq].x == w.segment;
 
   auto load_chunk = [&](int c0, T* stage) {
     const int len = min(kChunk, seg.length - c0);
@@ -356,6 +386,9 @@ __global__ void __launch_bounds__(kThreads) segment_output_kernel(LightningPrefi
     const int len = min(kChunk, seg.length - c0);
     if (c0 + kChunk < seg.length) load_chunk(c0 + kChunk, smem + (stage ^ 1) * L::kOutputStage);
     cp_async_commit();  // an empty group after the last chunk keeps the count below uniform
+    const int skipped_step = starts_undecayed && c0 == 0 ? 1 : 0;
+    const float q_decay_lo = __expf(-rate * (row_lo + 1 - skipped_step));
+    const float q_decay_hi = __expf(-rate * (row_hi + 1 - skipped_step));
     const T* q_tile = smem + stage * L::kOutputStage + L::kQ;
     const T* k_tile = smem + stage * L::kOutputStage + L::kK;
     const T* v_tile = smem + stage * L::kOutputStage + L::kV;
@@ -402,7 +435,7 @@ __global__ void __launch_bounds__(kThreads) segment_output_kernel(LightningPrefi
       for (int i = 0; i < 4; ++i) {  // causal decay mask lambda^(row - col), zero above the diagonal
         const int row = i < 2 ? row_lo : row_hi;
         const int col = 8 * nt + 2 * (lane % 4) + (i & 1);
-        P[nt][i] = col <= row ? P[nt][i] * __expf(-rate * (row - col)) : 0.f;
+        P[nt][i] = col <= row ? P[nt][i] * a.kv_scale * __expf(-rate * (row - col)) : 0.f;
       }
     }
 #pragma unroll
@@ -431,7 +464,7 @@ __global__ void __launch_bounds__(kThreads) segment_output_kernel(LightningPrefi
         *reinterpret_cast<uint32_t*>(o_chunk + row_hi * a.o_stride_t + col) =
             pack2<T>(a.scale * O[nt][2], a.scale * O[nt][3]);
     }
-    update_state<T, D>(S, k_tile, v_tile, len, rate);
+    update_state<T, D>(S, k_tile, v_tile, len, rate, __expf(-rate * (len - skipped_step)), a.kv_scale);
     __syncthreads();  // the next iteration's loads overwrite this stage, its state copy overwrites s_tile
   }
 }
@@ -440,8 +473,7 @@ template <typename T, int D>
 void launch(const LightningPrefillArgs& a) {
   const auto stream = reinterpret_cast<cudaStream_t>(a.stream);
   constexpr int sums_smem = Smem<D>::kSumsBytes, output_smem = Smem<D>::kOutputBytes;
-  const dim3 grid(static_cast<unsigned>(a.num_segments), static_cast<unsigned>(a.num_heads),
-                  static_cast<unsigned>(a.value_dim / kBV));
+  const dim3 grid(static_cast<unsigned>(a.num_segments * (a.value_dim / kBV)), static_cast<unsigned>(a.num_heads));
   auto check = [](cudaError_t err, const char* what) {
     if (err != cudaSuccess)
       throw std::runtime_error(std::string("lightning_prefill_forward: ") + what + ": " + cudaGetErrorString(err));

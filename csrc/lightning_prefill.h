@@ -15,6 +15,7 @@ constexpr int kLightningPrefillValueTile = 64;
 // t = the packed position. The host splits every sequence into segments (a work table of int32 rows
 // {b, t_start, length, sequence}) and lists each sequence's segments ({first segment, count}), so the
 // three kernels need no device-side search and no host synchronisation beyond building the table.
+// Token strides may be negative: the backward walks time backwards from a pointer at the last token.
 struct LightningPrefillArgs {
   const void* q; const void* k; const void* v; void* o;
   int64_t q_stride_b, q_stride_t, q_stride_h;
@@ -31,7 +32,9 @@ struct LightningPrefillArgs {
   const void* sequences;        // [N, 2] int32: first segment, segment count
   int64_t num_segments, num_sequences, num_heads, head_dim, value_dim;
   int dtype;
-  float scale;
+  float scale;                  // multiplies o
+  float kv_scale;               // multiplies every k^T v term (states and scores); 1 in the forward
+  int adjoint;                  // states one step later (the backward's reverse passes, lightning_prefill.cu)
   uintptr_t stream;
 };
 

@@ -45,7 +45,7 @@ TRITON = Backend("triton", triton_backend, runs_on="CUDA GPUs; CPU tensors under
                  unsupported=_triton_unsupported)
 CUDA = Backend("cuda", cuda_backend, runs_on="sm_90a GPUs (H100, H200) with the extension built", dtypes=FLOATS,
                limits=f"D, Dv in {{{', '.join(map(str, CUDA_HEAD_DIMS))}}}; prefill: bfloat16, float16 only",
-               borrows={"backward": "triton"}, unsupported=_cuda_unsupported)
+               unsupported=_cuda_unsupported)
 TORCH = Backend("torch", torch_backend, runs_on="anywhere (plain PyTorch; the CPU default)", dtypes=FLOATS,
                 limits="any head dims; fp32 arithmetic", custom_ops=False)
 

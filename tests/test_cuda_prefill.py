@@ -94,6 +94,94 @@ def test_long_sequence_last_layer_bf16():
     assert_within_2x("final", final.double(), s64, s_pt.float())
 
 
+def _gradients(fn, tensors, do, dfinal):
+    """Gradients of <o, do> + <final, dfinal> (dfinal None: the final state is not used) for `tensors`."""
+    leaves = [x.detach().requires_grad_() for x in tensors]
+    o, final = fn(*leaves)
+    outputs, grads = ([o], [do.to(o)]) if dfinal is None else ([o, final], [do.to(o), dfinal.to(final)])
+    torch.autograd.backward(outputs, grads)
+    return [x.grad for x in leaves]
+
+
+def _assert_gradients_close(got, truth, names, dtype):
+    """Relative to the float64 gradient's norm: the kernels round q, k, v, do and their score and
+    state operands to the input type (bf16 keeps 8 bits, fp16 11)."""
+    limit = 1.5e-2 if dtype == torch.bfloat16 else 5e-3
+    for name, g, t in zip(names, got, truth):
+        assert g is not None and g.shape == t.shape, f"{name}: {None if g is None else tuple(g.shape)}"
+        assert not torch.isnan(g).any(), f"{name}: NaN (an element no pass wrote)"
+        rel = ((g.double().cpu() - t).norm() / t.norm().clamp_min(1e-30)).item()
+        assert rel < limit, f"{name}: relative error {rel:.2e} >= {limit:.0e}"
+
+
+@given(B=st.integers(1, 2), T=st.sampled_from([1, 63, 64, 65, 300, 1000, 4099]), H=st.integers(1, 2),
+       D=st.sampled_from([64, 128]), Dv=st.sampled_from([64, 128]),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16]), layer=st.sampled_from([0, 78]),
+       decay_boost=st.sampled_from([1.0, 8.0]), with_h0=st.booleans(), with_dfinal=st.booleans(),
+       scale=st.sampled_from([1.0, 0.5]), seed=st.integers(0, 2**16))
+def test_backward_matches_reference(B, T, H, D, Dv, dtype, layer, decay_boost, with_h0, with_dfinal, scale, seed):
+    """The cuda backward's three passes (two walking time backwards in the adjoint convention) against
+    float64 autograd through the blockwise reference; decay_boost makes off-by-one-step decays visible."""
+    (q, k, v), slope, h0 = _inputs(B, T, H, D, Dv, dtype, seed, layer)
+    slope = slope * decay_boost
+    g = torch.Generator().manual_seed(seed + 1)
+    do = torch.randn(B, T, H, Dv, dtype=torch.float64, generator=g).to(dtype)
+    dfinal = torch.randn(B, H, D, Dv, dtype=torch.float64, generator=g) if with_dfinal else None
+    h0 = h0 if with_h0 else None
+    with nan_filled_outputs():
+        dq, dk, dv, dh0 = cuda_backend.lightning_bwd(do.cuda(), None if dfinal is None else dfinal.float().cuda(),
+                                                     q, k, v, slope, h0, None, scale)
+    tensors = [x.cpu().double() for x in (q, k, v)] + ([h0.cpu().double()] if with_h0 else [])
+    truth = _gradients(lambda *t: RL.lightning_attn_blockwise(*t[:3], slope.cpu().double(), scale=scale,
+                                                              initial_state=t[3] if with_h0 else None, block_size=64),
+                       tensors, do.double(), dfinal)
+    _assert_gradients_close([dq, dk, dv] + ([dh0] if with_h0 else []), truth, ["dq", "dk", "dv", "dh0"], dtype)
+    if not with_h0:
+        assert dh0 is None
+
+
+@pytest.mark.parametrize("with_dfinal", [False, True])
+def test_varlen_backward_with_empty_and_short_sequences(with_dfinal):
+    """Packed sequences walked backwards: an empty sequence's initial-state gradient is dfinal itself."""
+    lengths = [0, 1, 300, 64, 2000, 7, 0]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32).cuda()
+    T, N = int(cu[-1]), len(lengths)
+    (q, k, v), slope, h0 = _inputs(1, T, 2, 128, 64, torch.bfloat16, 0, 0, N=N)
+    slope = slope * 8
+    g = torch.Generator().manual_seed(5)
+    do = torch.randn(1, T, 2, 64, dtype=torch.float64, generator=g).to(torch.bfloat16)
+    dfinal = torch.randn(N, 2, 128, 64, dtype=torch.float64, generator=g) if with_dfinal else None
+    with nan_filled_outputs():
+        got = cuda_backend.lightning_bwd(do.cuda(), None if dfinal is None else dfinal.float().cuda(), q, k, v, slope,
+                                         h0, cu, 1.0)
+    truth = _gradients(lambda *t: RL.lightning_attn_varlen(RL.lightning_attn_blockwise, *t[:3],
+                                                           slope.cpu().double(), cu.cpu(), initial_state=t[3]),
+                       [x.cpu().double() for x in (q, k, v, h0)], do.double(), dfinal)
+    _assert_gradients_close(got, truth, ["dq", "dk", "dv", "dh0"], torch.bfloat16)
+    if with_dfinal:
+        torch.testing.assert_close(got[3][0], dfinal[0].float().cuda())
+
+
+def test_packed_segment_tables_cached_per_cu_seqlens_version():
+    """A packed table is built (a host read of cu_seqlens) once per tensor, direction and in-place
+    version; fixed-length tables once per shape."""
+    cu = torch.tensor([0, 100, 700], dtype=torch.int32, device="cuda")
+    first = cuda_backend._segment_table(1, 700, 2, 64, cu, cu.device)
+    assert cuda_backend._segment_table(1, 700, 2, 64, cu, cu.device) is first
+    backwards = cuda_backend._segment_table(1, 700, 2, 64, cu, cu.device, reverse=True)
+    assert backwards is not first
+
+    def spans(tables):  # per sequence: (first start, total length) of its segments
+        segments, sequences = (x.cpu() for x in tables)
+        return [(segments[a, 1].item(), segments[a:a + n, 2].sum().item()) for a, n in sequences.tolist()]
+
+    assert spans(first) == [(0, 100), (100, 600)]
+    assert spans(backwards) == [(600, 100), (0, 600)]  # reversed positions t' = 699 - t
+    cu[1] = 300
+    rebuilt = cuda_backend._segment_table(1, 700, 2, 64, cu, cu.device)
+    assert rebuilt is not first and spans(rebuilt) == [(0, 300), (300, 400)]
+
+
 def test_fp32_and_other_head_dims_rejected_clearly():
     """The backend table's limits for the cuda prefill, raised when it is asked for."""
     from m1_kernels import lightning_ops
@@ -118,8 +206,7 @@ def test_public_api_continuation_gradients_and_opcheck():
                                           output_final_state=True, backend="cuda")
     torch.testing.assert_close(torch.cat([o1, o2], dim=1), o, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(s2, final, rtol=2e-2, atol=2e-2)
-    # Training with backend="cuda": the Triton backward serves it. Gradients of sum(o * w) for both
-    # backends against float64 autograd through the reference.
+    # Gradients of sum(o * w) for both backends' backwards against float64 autograd through the reference.
     w = torch.randn(o.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
 
     def grads(fn, tensors):

@@ -481,18 +481,19 @@ def test_default_backend_skips_kernels_that_cannot_take_the_arguments(monkeypatc
 
 
 def test_backend_table_declares_borrowing_and_limits():
-    """The table behind the README: the cuda backend's backward is Triton's, said in the row and used
-    by the op; a borrowing backend is unavailable where its lender is."""
+    """The table behind the README: each kernel backend runs its own backward (nothing borrowed, the
+    row says "-"); a borrowing backend is unavailable where its lender is."""
     from m1_kernels.dispatch import backend_table_markdown
 
     by_name = {b.name: b for b in lightning_ops.BACKENDS}
-    assert by_name["cuda"].borrows == {"backward": "triton"}
-    assert ops._impl("cuda", "backward") is by_name["triton"].impl
-    assert ops._impl("cuda") is by_name["cuda"].impl
+    for name in ("cuda", "triton"):
+        assert by_name[name].borrows == {}
+        assert ops._impl(name, "backward") is ops._impl(name) is by_name[name].impl
     text = backend_table_markdown("Lightning attention", lightning_ops.BACKENDS, OP_BACKENDS)
     for b in lightning_ops.BACKENDS:
         assert f"| `{b.name}` | {b.runs_on} |" in text
-    assert "backward: `triton`" in text and "`lightning_attn_decode`: `cuda` > `triton` > `torch`" in text
+    assert "prefill: bfloat16, float16 only | - |" in text
+    assert "`lightning_attn_decode`: `cuda` > `triton` > `torch`" in text
     lender_missing = Backend("torch", None, "", (), borrows={"backward": "cuda"})
     assert "borrows from 'cuda'" in (lender_missing.device_error(torch.device("cpu")) or "")
 
