@@ -8,6 +8,9 @@ The backends and what each takes are declared once, in lightning_ops/backends.py
 run inside the torch.library custom ops below (fake tensors, registered autograd, opcheck); the torch
 backend is plain differentiable PyTorch and runs the same op bodies directly (`_run` decides).
 
+Kernel backends called eagerly skip the custom op's dispatch (`_AttnEager`: the same body and
+autograd formula); torch.compile traces the custom ops.
+
 Checks that read tensor values on the host (a host-device synchronisation on CUDA) run in the op
 bodies, outside torch.compile tracing and CUDA-graph capture:
 - cu_seqlens (starts at 0, ends at T, non-decreasing): every prefill call on CPU tensors; on CUDA,
@@ -42,6 +45,10 @@ def _impl(backend: str, part: Optional[str] = None):
 def _attn_fwd_body(q, k, v, slope, initial_state, cu_seqlens, scale, output_final_state, backend):
     _check_values(q.device, slope=slope, cu_seqlens=cu_seqlens, total=q.shape[1])
     return _impl(backend).lightning_fwd(q, k, v, slope, initial_state, cu_seqlens, scale, output_final_state)
+
+
+def _attn_bwd_body(do, dfinal, q, k, v, slope, initial_state, cu_seqlens, scale, backend):
+    return _impl(backend, "backward").lightning_bwd(do, dfinal, q, k, v, slope, initial_state, cu_seqlens, scale)
 
 
 def _with_cache_body(q, k, v, slope, cache, slot_idx, cu_seqlens, scale, backend):
@@ -82,8 +89,7 @@ def _attn_bwd(do: torch.Tensor, dfinal: Optional[torch.Tensor], q: torch.Tensor,
               v: torch.Tensor, slope: torch.Tensor, initial_state: Optional[torch.Tensor],
               cu_seqlens: Optional[torch.Tensor], scale: float,
               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, dh0 = _impl(backend, "backward").lightning_bwd(do, dfinal, q, k, v, slope, initial_state,
-                                                               cu_seqlens, scale)
+    dq, dk, dv, dh0 = _attn_bwd_body(do, dfinal, q, k, v, slope, initial_state, cu_seqlens, scale, backend)
     if dh0 is None:  # ops cannot return None: an empty tensor stands for "no initial state"
         dh0 = q.new_empty(0, dtype=torch.float32)
     return dq, dk, dv, dh0
@@ -101,15 +107,35 @@ def _attn_setup_context(ctx, inputs, output):
     ctx.scale, ctx.output_final_state, ctx.backend = scale, output_final_state, backend
 
 
-def _attn_backward(ctx, do, dfinal):
+def _attn_grads(bwd, ctx, do, dfinal):
+    """The gradients of the forward's inputs, the backward pass run by `bwd` (the op or its body)."""
     q, k, v, slope, initial_state, cu_seqlens = ctx.saved_tensors
     dfinal = dfinal if ctx.output_final_state else None
-    dq, dk, dv, dh0 = _attn_bwd(do.contiguous(), dfinal, q, k, v, slope, initial_state, cu_seqlens,
-                                ctx.scale, ctx.backend)
+    dq, dk, dv, dh0 = bwd(do.contiguous(), dfinal, q, k, v, slope, initial_state, cu_seqlens, ctx.scale, ctx.backend)
     return dq, dk, dv, None, (dh0 if initial_state is not None else None), None, None, None, None
 
 
+def _attn_backward(ctx, do, dfinal):
+    return _attn_grads(_attn_bwd, ctx, do, dfinal)
+
+
 _attn_fwd.register_autograd(_attn_backward, setup_context=_attn_setup_context)
+
+
+class _AttnEager(torch.autograd.Function):
+    """lightning_attn's kernel backends in eager mode: the op's body and autograd formula without the
+    custom op's dispatch, which cost 0.5-0.6 ms of host time per forward+backward on the H200 host
+    (bench/NOTES.md, session 15). torch.compile and export trace the custom op (`_run`)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # ctx first: the separate setup_context form binds arguments by signature
+        output = _attn_fwd_body(*inputs)
+        _attn_setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        return _attn_grads(_attn_bwd_body, ctx, do, dfinal)
 
 
 @torch.library.custom_op("m1_ops::lightning_attn_with_cache", mutates_args=("cache",))
@@ -268,7 +294,7 @@ def lightning_attn(q, k, v, slope, *, scale=1.0, initial_state=None, output_fina
     _check_scale(scale)
     row = _backend("lightning_attn", backend, q, v)
     o, final = _run(row, _attn_fwd, _attn_fwd_body, q, k, v, slope, initial_state, cu_seqlens, float(scale),
-                    output_final_state)
+                    output_final_state, eager=_AttnEager)
     return o, (final if output_final_state else None)
 
 

@@ -179,7 +179,13 @@ def part_impl(backends, name: str, part: str | None = None):
     return rows[row.borrows.get(part, row.name)].impl
 
 
-def run_backend(row: Backend, custom_op, body, *args):
+def run_backend(row: Backend, custom_op, body, *args, eager=None):
     """Kernel backends run inside the op's torch.library custom op; plain-PyTorch backends run its body
-    directly (autograd and torch.compile trace through them)."""
-    return (custom_op if row.custom_ops else body)(*args, row.name)
+    directly (autograd and torch.compile trace through them). `eager`, an autograd.Function applying the
+    op's body with the op's autograd formula, serves kernel backends outside torch.compile: the custom
+    op's dispatch costs host time on every call (bench/NOTES.md, session 15)."""
+    if not row.custom_ops:
+        return body(*args, row.name)
+    if eager is not None and not torch.compiler.is_compiling():
+        return eager.apply(*args, row.name)
+    return custom_op(*args, row.name)

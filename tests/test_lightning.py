@@ -290,6 +290,33 @@ def test_torch_compile(backend):
     torch.testing.assert_close(g_c, g_e)
 
 
+@pytest.mark.parametrize("backend", ATTN_KERNELS)
+def test_eager_calls_skip_the_custom_op_with_its_results(backend, monkeypatch):
+    """Outside torch.compile a kernel backend runs the op's body and autograd formula directly
+    (_AttnEager): the same outputs and gradients as through the custom op, without its dispatch."""
+    backend = require_backend(backend, ATTN_BACKENDS)
+    D = main_dim(backend)
+    q, k, v, slope, h0 = make_inputs(1, 40, 2, D, D, torch.float32, 3)
+    g = torch.Generator().manual_seed(4)
+    do, dfinal = (torch.randn(x, generator=g).to(DEVICE) for x in ((1, 40, 2, D), (1, 2, D, D)))
+
+    def run(fn):
+        leaves = [x.detach().requires_grad_() for x in (q, k, v, h0)]
+        o, final = fn(*leaves)
+        torch.autograd.backward([o, final], [do, dfinal])
+        return [o, final] + [x.grad for x in leaves]
+
+    via_op = run(lambda *t: ops._attn_fwd(*t[:3], slope, t[3], None, 0.5, True, backend))
+    calls = []
+    monkeypatch.setattr(ops, "_attn_fwd", lambda *a: calls.append(a))
+    monkeypatch.setattr(ops, "_attn_bwd", lambda *a: calls.append(a))
+    eager = run(lambda *t: lightning_ops.lightning_attn(*t[:3], slope, scale=0.5, initial_state=t[3],
+                                                        output_final_state=True, backend=backend))
+    assert calls == []
+    for name, a, b in zip(["o", "final", "dq", "dk", "dv", "dh0"], eager, via_op):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Bad input is rejected with errors that name the argument
 
