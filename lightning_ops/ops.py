@@ -124,8 +124,9 @@ _attn_fwd.register_autograd(_attn_backward, setup_context=_attn_setup_context)
 
 class _AttnEager(torch.autograd.Function):
     """lightning_attn's kernel backends in eager mode: the op's body and autograd formula without the
-    custom op's dispatch, which cost 0.5-0.6 ms of host time per forward+backward on the H200 host
-    (bench/NOTES.md, session 15). torch.compile and export trace the custom op (`_run`)."""
+    custom op's dispatch (on the H200's host the op layer took 0.52-0.60 ms per forward+backward through
+    the custom op, 0.34-0.38 ms this way; bench/NOTES.md, session 15). torch.compile and export trace
+    the custom op (`_run`)."""
 
     @staticmethod
     def forward(ctx, *inputs):  # ctx first: the separate setup_context form binds arguments by signature

@@ -164,7 +164,7 @@ def test_varlen_backward_with_empty_and_short_sequences(with_dfinal):
 
 def test_packed_segment_tables_cached_per_cu_seqlens_version():
     """A packed table is built (a host read of cu_seqlens) once per tensor, direction and in-place
-    version; fixed-length tables once per shape."""
+    version, in reversed positions for the backward's reverse passes."""
     cu = torch.tensor([0, 100, 700], dtype=torch.int32, device="cuda")
     first = cuda_backend._segment_table(1, 700, 2, 64, cu, cu.device)
     assert cuda_backend._segment_table(1, 700, 2, 64, cu, cu.device) is first
