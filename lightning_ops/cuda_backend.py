@@ -43,7 +43,7 @@ def lightning_decode(q, k, v, slope, state, slot_idx, scale):
     return out
 
 
-# Packed segment tables per cu_seqlens tensor: {(in-place version, T, H, Dv, reverse, blocks/SM): tables}.
+# Per cu_seqlens tensor: (its in-place version, its values on the host, {(T, H, Dv, reverse, blocks/SM): tables}).
 _PACKED_TABLES = WeakIdKeyDictionary()
 
 
@@ -55,16 +55,17 @@ def _segment_table(B, T, H, Dv, cu_seqlens, device, reverse=False):
     Returns int32 tables on `device`: segments [G, 4] (row b, start t, length, sequence) and
     sequences [N, 2] (first segment, count). Tables are cached, fixed-length ones per shape and packed
     ones per cu_seqlens tensor and in-place version: a repeated call does no host work, copy or
-    synchronisation (a model's layers share one cu_seqlens, so a step reads it on the host once).
+    synchronisation, and the forward's and the backward's tables share one host read of cu_seqlens
+    (a model's layers share one cu_seqlens, so a training step reads it on the host once here).
     """
     if cu_seqlens is None:
         return _fixed_length_table(B, T, H, Dv, device, SEGMENT_BLOCKS_PER_SM)
-    key = (cu_seqlens._version, T, H, Dv, reverse, SEGMENT_BLOCKS_PER_SM)
-    tables = _PACKED_TABLES.setdefault(cu_seqlens, {})
+    version, bounds, tables = _PACKED_TABLES.get(cu_seqlens, (None, None, None))
+    if version != cu_seqlens._version:  # new, or modified in place: one host read serves every table
+        version, bounds, tables = cu_seqlens._version, cu_seqlens.tolist(), {}
+        _PACKED_TABLES[cu_seqlens] = (version, bounds, tables)
+    key = (T, H, Dv, reverse, SEGMENT_BLOCKS_PER_SM)
     if key not in tables:
-        if any(old[0] != key[0] for old in tables):  # modified in place: the old tables describe old values
-            tables.clear()
-        bounds = cu_seqlens.tolist()
         lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
         starts = [T - b for b in bounds[1:]] if reverse else bounds[:-1]
         tables[key] = _build_table([0] * len(lengths), starts, lengths, H, Dv, device, SEGMENT_BLOCKS_PER_SM)

@@ -525,6 +525,27 @@ def test_backend_table_declares_borrowing_and_limits():
     assert "borrows from 'cuda'" in (lender_missing.device_error(torch.device("cpu")) or "")
 
 
+def test_cuda_packed_tables_share_one_host_read_per_cu_seqlens_version(monkeypatch):
+    """The cuda backend's packed segment tables (forward and the backward's reversed ones) read
+    cu_seqlens on the host once per in-place version and are built once per direction and shape."""
+    from m1_kernels.lightning_ops import cuda_backend
+
+    builds, reads = [], []
+    monkeypatch.setattr(cuda_backend, "_build_table", lambda rows, starts, lengths, *rest: builds.append(
+        (list(starts), list(lengths))) or object())
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or real_tolist(t))
+    cu = torch.tensor([0, 100, 700], dtype=torch.int32)
+    forward = cuda_backend._segment_table(1, 700, 2, 64, cu, cu.device)
+    assert cuda_backend._segment_table(1, 700, 2, 64, cu, cu.device) is forward
+    backward = cuda_backend._segment_table(1, 700, 2, 64, cu, cu.device, reverse=True)
+    assert backward is not forward
+    assert builds == [([0, 100], [100, 600]), ([600, 0], [100, 600])] and len(reads) == 1
+    cu[1] = 300
+    assert cuda_backend._segment_table(1, 700, 2, 64, cu, cu.device) is not forward
+    assert builds[-1] == ([0, 300], [300, 400]) and len(reads) == 2
+
+
 def test_cuda_backend_unavailable_raises_clearly(monkeypatch):
     q, k, v = (torch.randn(1, 2, 64) for _ in range(3))
     with pytest.raises(RuntimeError, match="'cuda' is unavailable"):
