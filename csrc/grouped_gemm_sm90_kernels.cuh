@@ -65,11 +65,12 @@ struct SmallTile {
   using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
 };
 
-// Weight gradients: each group's reduction is only its rows (512 at 8192 tokens, E32 top-2), so every
-// output tile spends a large share of its time in pipeline fill and its store. Ping-pong gives each
-// consumer warpgroup a 128x128 tile of its own: one's epilogue runs under the other's MMAs. Measured on
+// Weight gradients: each group's reduction is only its rows (512 at 8192 tokens, E32 top-2). Ping-pong gives
+// each consumer warpgroup a 128x128 tile of its own: one's epilogue runs under the other's MMAs. Measured on
 // the H200 at M1 shapes against the cooperative 128x256 tile: dW_down 3.50 -> 3.20 ms, dW_gate_up
-// 7.68 -> 6.71 ms (0.84 and 0.80 of the dense rate; torch._grouped_mm 0.77 and 0.75).
+// 7.68 -> 6.71 ms. 2x1 and 1x2 clusters, a 128-deep K tile and wider epilogue subtiles gained nothing
+// (bench/NOTES.md, session 17): the mainloop itself runs at ~0.78 of the dense rate (the marginal rate from
+// 512 to 1024 rows per expert), and fill and store cost only ~0.3 ms of 3.3 (dW_down, 8192 tokens).
 struct WgradTile {
   using TileShape = cute::Shape<cute::_128, cute::_128, cute::_64>;
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
