@@ -9,7 +9,8 @@ run inside the torch.library custom ops below (fake tensors, registered autograd
 backend is plain differentiable PyTorch and runs the same op bodies directly (`_run` decides).
 
 Kernel backends called eagerly skip the custom op's dispatch (`_AttnEager`: the same body and
-autograd formula); torch.compile traces the custom ops.
+autograd formula; lightning_attn_with_cache, which has no backward, runs its body); torch.compile traces
+the custom ops.
 
 Checks that read tensor values on the host (a host-device synchronisation on CUDA) run in the op
 bodies, outside torch.compile tracing and CUDA-graph capture:
@@ -295,7 +296,7 @@ def lightning_attn(q, k, v, slope, *, scale=1.0, initial_state=None, output_fina
     _check_scale(scale)
     row = _backend("lightning_attn", backend, q, v)
     o, final = _run(row, _attn_fwd, _attn_fwd_body, q, k, v, slope, initial_state, cu_seqlens, float(scale),
-                    output_final_state, eager=_AttnEager)
+                    output_final_state, eager=_AttnEager.apply)
     return o, (final if output_final_state else None)
 
 
@@ -334,7 +335,9 @@ def lightning_attn_with_cache(q, k, v, slope, cache, slot_idx, *, cu_seqlens=Non
     _check_slot_idx(slot_idx, N, q.device)
     _check_scale(scale)
     row = _backend("lightning_attn_with_cache", backend, q, v)
-    return _run(row, _with_cache, _with_cache_body, q, k, v, slope, cache, slot_idx, cu_seqlens, float(scale))
+    # No gradient flows here (refused above), so eager calls run the body without the custom op's dispatch.
+    return _run(row, _with_cache, _with_cache_body, q, k, v, slope, cache, slot_idx, cu_seqlens, float(scale),
+                eager=_with_cache_body)
 
 
 def lightning_attn_decode(q, k, v, slope, state, *, slot_idx=None, scale=1.0, backend=None):

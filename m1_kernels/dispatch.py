@@ -181,11 +181,12 @@ def part_impl(backends, name: str, part: str | None = None):
 
 def run_backend(row: Backend, custom_op, body, *args, eager=None):
     """Kernel backends run inside the op's torch.library custom op; plain-PyTorch backends run its body
-    directly (autograd and torch.compile trace through them). `eager`, an autograd.Function applying the
-    op's body with the op's autograd formula, serves kernel backends outside torch.compile: the custom
-    op's dispatch costs host time on every call (bench/NOTES.md, session 15)."""
+    directly (autograd and torch.compile trace through them). `eager`, a function with the custom op's
+    arguments that runs the op's body under the op's autograd formula (an autograd.Function's apply),
+    serves kernel backends outside torch.compile: the custom op's dispatch costs host time on every call
+    (bench/NOTES.md, sessions 15 and 17)."""
     if not row.custom_ops:
         return body(*args, row.name)
     if eager is not None and not torch.compiler.is_compiling():
-        return eager.apply(*args, row.name)
+        return eager(*args, row.name)
     return custom_op(*args, row.name)

@@ -8,13 +8,15 @@
 
 The backends and what each takes are declared once, in moe_ops/backends.py. Kernel backends run inside
 the torch.library custom ops below (fake tensors, registered autograd, opcheck); the torch backend is
-plain differentiable PyTorch and runs the op bodies directly (`_run` decides). Offsets stay on the
-device: on CUDA tensors no op reads a value back to the host (expert ids and offsets are checked on CPU
-tensors only), so a whole MoE forward captures in a CUDA graph.
+plain differentiable PyTorch and runs the op bodies directly (`_run` decides). Called eagerly (outside
+torch.compile), fused_moe on a kernel backend skips the custom ops' dispatch: the same bodies and autograd
+formulas, chained in `_MoeEager`. Offsets stay on the device: on CUDA tensors no op reads a value back to
+the host (expert ids and offsets are checked on CPU tensors only), so a whole MoE forward captures in a
+CUDA graph.
 """
 
 from collections import Counter
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -52,6 +54,29 @@ def _grouped_gemm_body(x, weight, offsets, weight_layout, backend):
     return _impl(backend).grouped_gemm(x, weight, offsets, weight_layout)
 
 
+def _unpermute_bwd_body(dout, y_sorted, sorted_idx, weights, backend):
+    return _impl(backend, "unpermute").unpermute_backward(dout, y_sorted, sorted_idx, weights)
+
+
+def _expert_mlp_body(x_sorted, gate_up_proj, down_proj, offsets, save_for_backward, backend):
+    impl = _impl(backend)
+    h, preact = impl.grouped_gemm_swiglu(x_sorted, gate_up_proj, offsets, save_for_backward)
+    return impl.grouped_gemm(h, down_proj, offsets, "nk"), h, preact
+
+
+def _expert_mlp_bwd_body(dy, x_sorted, h, preact, gate_up_proj, down_proj, offsets, backend):
+    impl = _impl(backend)
+    d_preact = impl.grouped_gemm_swiglu_backward(dy, down_proj, offsets, preact)
+    d_down = impl.grouped_gemm_weight_grad(h, dy, offsets, "nk")
+    dx = impl.grouped_gemm(d_preact, gate_up_proj, offsets, "kn")
+    d_gate_up = impl.grouped_gemm_weight_grad(x_sorted, d_preact, offsets, "nk")
+    return dx, d_gate_up, d_down
+
+
+def _few_token_body(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend):
+    return _impl(backend).few_token_moe(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize)
+
+
 def _fused_moe_body(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend):
     return _impl(backend).fused_moe(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize)
 
@@ -77,21 +102,25 @@ def _route_setup_context(ctx, inputs, output):
     ctx.renormalize = renormalize
 
 
-def _route_backward(ctx, dweights, _dids):
+def _route_grads(dweights, x, gate_weight, ids, renormalize, needs_dx, needs_dgate):
     """Softmax -> top-k -> renormalise backward, from recomputed fp32 probabilities ([N, E]: small)."""
-    x, gate_weight, ids = ctx.saved_tensors
     xf, gf = x.float(), gate_weight.float()
     probs = torch.softmax(xf @ gf.T, dim=-1)
     picked = probs.gather(1, ids.long())
     d_picked = dweights
-    if ctx.renormalize:
+    if renormalize:
         total = picked.sum(dim=1, keepdim=True)
         w = picked / total
         d_picked = (dweights - (dweights * w).sum(dim=1, keepdim=True)) / total
     d_probs = torch.zeros_like(probs).scatter(1, ids.long(), d_picked)
     d_logits = probs * (d_probs - (d_probs * probs).sum(dim=1, keepdim=True))
-    dx = (d_logits @ gf).to(x.dtype) if ctx.needs_input_grad[0] else None
-    dgate = (d_logits.T @ xf).to(gate_weight.dtype) if ctx.needs_input_grad[1] else None
+    dx = (d_logits @ gf).to(x.dtype) if needs_dx else None
+    dgate = (d_logits.T @ xf).to(gate_weight.dtype) if needs_dgate else None
+    return dx, dgate
+
+
+def _route_backward(ctx, dweights, _dids):
+    dx, dgate = _route_grads(dweights, *ctx.saved_tensors, ctx.renormalize, *ctx.needs_input_grad[:2])
     return dx, dgate, None, None, None
 
 
@@ -139,7 +168,7 @@ def _(y_sorted, sorted_idx, weights, top_k, backend):
 @torch.library.custom_op("m1_ops::moe_unpermute_bwd", mutates_args=())
 def _unpermute_bwd(dout: torch.Tensor, y_sorted: torch.Tensor, sorted_idx: torch.Tensor, weights: torch.Tensor,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _impl(backend, "unpermute").unpermute_backward(dout, y_sorted, sorted_idx, weights)
+    return _unpermute_bwd_body(dout, y_sorted, sorted_idx, weights, backend)
 
 
 @_unpermute_bwd.register_fake
@@ -213,9 +242,7 @@ def _expert_mlp(x_sorted: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: t
                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y = SwiGLU expert MLP of every sorted row; also returns h and [gate | up] for the backward
     (an empty [0, 2F] tensor when save_for_backward is False: inference writes no pre-activations)."""
-    impl = _impl(backend)
-    h, preact = impl.grouped_gemm_swiglu(x_sorted, gate_up_proj, offsets, save_for_backward)
-    return impl.grouped_gemm(h, down_proj, offsets, "nk"), h, preact
+    return _expert_mlp_body(x_sorted, gate_up_proj, down_proj, offsets, save_for_backward, backend)
 
 
 @_expert_mlp.register_fake
@@ -229,12 +256,7 @@ def _(x_sorted, gate_up_proj, down_proj, offsets, save_for_backward, backend):
 def _expert_mlp_bwd(dy: torch.Tensor, x_sorted: torch.Tensor, h: torch.Tensor, preact: torch.Tensor,
                     gate_up_proj: torch.Tensor, down_proj: torch.Tensor, offsets: torch.Tensor,
                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = _impl(backend)
-    d_preact = impl.grouped_gemm_swiglu_backward(dy, down_proj, offsets, preact)
-    d_down = impl.grouped_gemm_weight_grad(h, dy, offsets, "nk")
-    dx = impl.grouped_gemm(d_preact, gate_up_proj, offsets, "kn")
-    d_gate_up = impl.grouped_gemm_weight_grad(x_sorted, d_preact, offsets, "nk")
-    return dx, d_gate_up, d_down
+    return _expert_mlp_bwd_body(dy, x_sorted, h, preact, gate_up_proj, down_proj, offsets, backend)
 
 
 @_expert_mlp_bwd.register_fake
@@ -266,7 +288,7 @@ def _few_token(x: torch.Tensor, gate_weight: torch.Tensor, gate_up_proj: torch.T
                top_k: int, renormalize: bool, backend: str) -> torch.Tensor:
     """The whole layer's forward for few tokens (inference: no autograd formula; fused_moe calls it only
     when no gradient is needed)."""
-    return _impl(backend).few_token_moe(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize)
+    return _few_token_body(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend)
 
 
 @_few_token.register_fake
@@ -274,20 +296,89 @@ def _(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend):
     return torch.empty_like(x)
 
 
-def _fused_moe_kernels(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend):
-    """fused_moe on a kernel backend, as a chain of custom ops: the few-token forward where the backend
-    has one and the call fits it (few tokens, no gradient), else route, permute, the expert MLP as two
-    grouped GEMMs, the weighted combine."""
+class _Steps(NamedTuple):
+    """fused_moe's steps on a kernel backend: the custom ops (traced by torch.compile and export) or their
+    bodies (eager calls, which skip the ops' dispatch)."""
+    few_token: Callable
+    route: Callable
+    permute: Callable
+    expert_mlp: Callable
+    unpermute: Callable
+
+
+_OPS = _Steps(_few_token, _route, _permute, _expert_mlp, _unpermute)
+_BODIES = _Steps(_few_token_body, _route_body, _permute_body, _expert_mlp_body, _unpermute_body)
+
+
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _moe_forward(steps, x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend, save_for_backward):
+    """Route, permute, the expert MLP as two grouped GEMMs, the weighted combine: (out, the intermediates
+    the backward reads)."""
+    weights, ids = steps.route(x, gate_weight, top_k, renormalize, backend)
+    x_sorted, sorted_idx, offsets = steps.permute(x, ids, gate_weight.shape[0], backend)
+    y_sorted, h, preact = steps.expert_mlp(x_sorted, gate_up_proj, down_proj, offsets, save_for_backward, backend)
+    out = steps.unpermute(y_sorted, sorted_idx, weights, top_k, backend)
+    return out, (weights, ids, x_sorted, sorted_idx, offsets, y_sorted, h, preact)
+
+
+def _fused_moe_steps(steps, x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend):
+    """fused_moe on a kernel backend: the few-token forward where the backend has one and the call fits it
+    (few tokens, no gradient), else _moe_forward."""
     impl = _impl(backend)
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (x, gate_weight, gate_up_proj, down_proj))
-    if not needs_grad and hasattr(impl, "few_token_moe") and impl.few_token_fits(x.shape[0], top_k):
-        return _few_token(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend)
-    weights, ids = _route(x, gate_weight, top_k, renormalize, backend)
-    x_sorted, sorted_idx, offsets = _permute(x, ids, gate_weight.shape[0], backend)
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up_proj, down_proj))
-    y_sorted, _, _ = _expert_mlp(x_sorted, gate_up_proj, down_proj, offsets, save, backend)
-    return _unpermute(y_sorted, sorted_idx, weights, top_k, backend)
+    if (not _needs_grad(x, gate_weight, gate_up_proj, down_proj) and hasattr(impl, "few_token_moe")
+            and impl.few_token_fits(x.shape[0], top_k)):
+        return steps.few_token(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend)
+    save = _needs_grad(x, gate_up_proj, down_proj)
+    return _moe_forward(steps, x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend, save)[0]
+
+
+def _fused_moe_kernels(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend):
+    """fused_moe as a chain of custom ops, each with its registered autograd formula."""
+    return _fused_moe_steps(_OPS, x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend)
+
+
+class _MoeEager(torch.autograd.Function):
+    """fused_moe's kernel backends in eager mode with a gradient: the steps' bodies forward, the ops'
+    autograd formulas chained backward, without the dispatch of seven custom-op calls per forward+backward
+    (host time of the op layer on the CPU with a stub backend: 0.90 ms through the custom ops, 0.39 ms
+    this way; bench/NOTES.md, session 17). torch.compile and export trace the custom ops."""
+
+    @staticmethod
+    def forward(ctx, x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend):
+        save = any(ctx.needs_input_grad[i] for i in (0, 2, 3))  # the expert MLP's inputs
+        out, saved = _moe_forward(_BODIES, x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend,
+                                  save)
+        ctx.save_for_backward(x, gate_weight, gate_up_proj, down_proj, *saved)
+        ctx.top_k, ctx.renormalize, ctx.backend = top_k, renormalize, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, gate_weight, gate_up_proj, down_proj, weights, ids, x_sorted, sorted_idx, offsets, y_sorted, h, preact = (
+            ctx.saved_tensors)
+        needs_x, needs_gate, needs_gate_up, needs_down = ctx.needs_input_grad[:4]
+        dy_sorted, dweights = _unpermute_bwd_body(dout.contiguous(), y_sorted, sorted_idx, weights, ctx.backend)
+        dx = d_gate_up = d_down = None
+        if needs_x or needs_gate_up or needs_down:
+            dx_sorted, d_gate_up, d_down = _expert_mlp_bwd_body(dy_sorted, x_sorted, h, preact, gate_up_proj,
+                                                                down_proj, offsets, ctx.backend)
+            if needs_x:  # permute's backward: each token's k copies summed
+                dx = _unpermute_body(dx_sorted, sorted_idx, None, ctx.top_k, ctx.backend)
+        dx_route, d_gate = _route_grads(dweights, x, gate_weight, ids, ctx.renormalize, needs_x, needs_gate)
+        if dx_route is not None:
+            dx = dx_route if dx is None else dx + dx_route
+        return (dx, d_gate, d_gate_up if needs_gate_up else None, d_down if needs_down else None,
+                None, None, None)
+
+
+def _fused_moe_eager(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend):
+    """fused_moe on a kernel backend outside torch.compile: the steps' bodies, no custom-op dispatch."""
+    if _needs_grad(x, gate_weight, gate_up_proj, down_proj):
+        return _MoeEager.apply(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend)
+    return _fused_moe_steps(_BODIES, x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -488,4 +579,4 @@ def fused_moe(x, gate_weight, gate_up_proj, down_proj, top_k, *, renormalize=Tru
     row = resolve_backend("fused_moe", backend, OP_BACKENDS["fused_moe"], x.device, dtype=x.dtype,
                           gemm_sizes={"H": x.shape[1], "F": F})
     return _run(row, _fused_moe_kernels, _fused_moe_body, x, gate_weight, gate_up_proj, down_proj, top_k,
-                bool(renormalize))
+                bool(renormalize), eager=_fused_moe_eager)

@@ -4,6 +4,7 @@ import contextlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from m1_kernels.dispatch import backend_error
 
@@ -51,6 +52,21 @@ def nan_filled_outputs():
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+class dispatched_custom_ops(TorchDispatchMode):
+    """`with dispatched_custom_ops() as calls:` records the names of the project's custom ops (namespace
+    m1_ops) dispatched inside the block; every op still runs."""
+
+    def __enter__(self):
+        self.names = []
+        super().__enter__()
+        return self.names
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "m1_ops":
+            self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
 
 
 def randn(*shape, dtype=torch.float32, device=DEVICE, scale=1.0, generator=None):

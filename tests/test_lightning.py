@@ -14,7 +14,7 @@ from m1_kernels import lightning_ops
 from m1_kernels.dispatch import Backend, resolve_backend
 from m1_kernels.lightning_ops import ops
 from m1_kernels.lightning_ops.backends import CUDA_HEAD_DIMS, OP_BACKENDS, TRITON_HEAD_DIMS
-from numerics import DEVICE, assert_within_2x, nan_filled_outputs, require_backend
+from numerics import DEVICE, assert_within_2x, dispatched_custom_ops, nan_filled_outputs, require_backend
 from m1_kernels.reference import lightning as RL
 
 ON_GPU = DEVICE.type == "cuda"
@@ -291,9 +291,10 @@ def test_torch_compile(backend):
 
 
 @pytest.mark.parametrize("backend", ATTN_KERNELS)
-def test_eager_calls_skip_the_custom_op_with_its_results(backend, monkeypatch):
+def test_eager_calls_skip_the_custom_op_with_its_results(backend):
     """Outside torch.compile a kernel backend runs the op's body and autograd formula directly
-    (_AttnEager): the same outputs and gradients as through the custom op, without its dispatch."""
+    (_AttnEager): the same outputs and gradients as through the custom op, without its dispatch; the
+    slot-cache prefill runs its body."""
     backend = require_backend(backend, ATTN_BACKENDS)
     D = main_dim(backend)
     q, k, v, slope, h0 = make_inputs(1, 40, 2, D, D, torch.float32, 3)
@@ -306,15 +307,28 @@ def test_eager_calls_skip_the_custom_op_with_its_results(backend, monkeypatch):
         torch.autograd.backward([o, final], [do, dfinal])
         return [o, final] + [x.grad for x in leaves]
 
-    via_op = run(lambda *t: ops._attn_fwd(*t[:3], slope, t[3], None, 0.5, True, backend))
-    calls = []
-    monkeypatch.setattr(ops, "_attn_fwd", lambda *a: calls.append(a))
-    monkeypatch.setattr(ops, "_attn_bwd", lambda *a: calls.append(a))
-    eager = run(lambda *t: lightning_ops.lightning_attn(*t[:3], slope, scale=0.5, initial_state=t[3],
-                                                        output_final_state=True, backend=backend))
-    assert calls == []
+    with dispatched_custom_ops() as op_calls:
+        via_op = run(lambda *t: ops._attn_fwd(*t[:3], slope, t[3], None, 0.5, True, backend))
+    assert op_calls == ["m1_ops::lightning_attn_fwd", "m1_ops::lightning_attn_bwd"]
+    with dispatched_custom_ops() as eager_calls:
+        eager = run(lambda *t: lightning_ops.lightning_attn(*t[:3], slope, scale=0.5, initial_state=t[3],
+                                                            output_final_state=True, backend=backend))
+    assert eager_calls == []
     for name, a, b in zip(["o", "final", "dq", "dk", "dv", "dh0"], eager, via_op):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+    # The slot-cache prefill (inference, no backward) runs its body: same output, same cache update.
+    caches = [torch.zeros(3, 2, D, D, device=DEVICE) for _ in range(2)]
+    slots = torch.tensor([2], dtype=torch.int32, device=DEVICE)
+    with torch.no_grad(), dispatched_custom_ops() as op_calls:
+        o_op = ops._with_cache(q, k, v, slope, caches[0], slots, None, 0.5, backend)
+    assert op_calls == ["m1_ops::lightning_attn_with_cache"]
+    with torch.no_grad(), dispatched_custom_ops() as eager_calls:
+        o_eager = lightning_ops.lightning_attn_with_cache(q, k, v, slope, caches[1], slots, scale=0.5, backend=backend)
+    assert eager_calls == []
+    torch.testing.assert_close(o_eager, o_op, rtol=0, atol=0)
+    torch.testing.assert_close(caches[1], caches[0], rtol=0, atol=0)
+    assert caches[1][2].abs().sum() > 0
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from m1_kernels import moe_ops
 from m1_kernels.dispatch import triton_config
 from m1_kernels.moe_ops import backends, ops
 from m1_kernels.reference import moe as RM
-from numerics import DEVICE, assert_within_2x, nan_filled_outputs, require_backend
+from numerics import DEVICE, assert_within_2x, dispatched_custom_ops, nan_filled_outputs, require_backend
 
 ON_GPU = DEVICE.type == "cuda"
 ROUTINGS = ["uniform", "zipf", "one_expert", "empty_experts"]
@@ -398,6 +398,38 @@ def test_torch_compile(backend):
     tol = dict(rtol=2e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out_c, out_e, **tol)
     torch.testing.assert_close(g_c, g_e, **tol)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("needs_grad", ["all", "x", "gate_weight", "expert weights", "none"])
+def test_eager_calls_skip_the_custom_ops_with_their_results(backend, needs_grad):
+    """Outside torch.compile a kernel backend runs the steps' bodies and chains the ops' autograd formulas
+    itself (_MoeEager): no custom op is dispatched, and the output and every asked-for gradient equal the
+    custom-op chain's bit for bit, whichever inputs need a gradient."""
+    require(backend, "fused_moe")
+    dtype = torch.bfloat16 if backend == "cuda" else torch.float32
+    N = 70  # above the few-token limit, so the no-gradient call also takes the general path
+    inputs = to_dev(make_moe(N, 16, 8, 4, 2, "zipf", 5), dtype)
+    wanted = {"all": (0, 1, 2, 3), "x": (0,), "gate_weight": (1,), "expert weights": (2, 3), "none": ()}[needs_grad]
+    dout = torch.randn(N, 16, generator=torch.Generator().manual_seed(6)).to(DEVICE, dtype)
+
+    def run(fn):
+        leaves = [t.detach().requires_grad_(i in wanted) for i, t in enumerate(inputs)]
+        out = fn(*leaves)
+        if wanted:
+            out.backward(dout)
+        return [out] + [leaves[i].grad for i in wanted]
+
+    with dispatched_custom_ops() as op_calls:
+        via_ops = run(lambda *t: ops._fused_moe_kernels(*t, 2, True, backend))
+    assert op_calls[:4] == ["m1_ops::moe_route", "m1_ops::moe_permute", "m1_ops::moe_expert_mlp",
+                            "m1_ops::moe_unpermute"]
+    with dispatched_custom_ops() as eager_calls:
+        eager = run(lambda *t: moe_ops.fused_moe(*t, 2, backend=backend))
+    assert eager_calls == []
+    for name, a, b in zip(["out", *(["x", "gate_weight", "gate_up_proj", "down_proj"][i] for i in wanted)],
+                          eager, via_ops):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------------
