@@ -16,7 +16,8 @@ VENV=/tmp/m1-prebuild-py$tag
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check pybind11 ninja "setuptools>=64" wheel
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps nvidia-cutlass==4.2.0.0
 mkdir -p "$VENV/src"
-git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C "$VENV/src"   # mtimes kept: ninja rebuilds what changed
+# tar keeps the files' times, so ninja recompiles only what changed since the last run
+git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C "$VENV/src"
 (cd "$VENV/src" && MAX_JOBS=${MAX_JOBS:-2} "$VENV/bin/python" setup.py -q build_ext --inplace)
 mkdir -p "$OUT"
 cp "$VENV"/src/m1_kernels/_cuda*.so "$OUT/"

@@ -324,7 +324,8 @@ def test_eager_calls_skip_the_custom_op_with_its_results(backend):
         o_op = ops._with_cache(q, k, v, slope, caches[0], slots, None, 0.5, backend)
     assert op_calls == ["m1_ops::lightning_attn_with_cache"]
     with torch.no_grad(), dispatched_custom_ops() as eager_calls:
-        o_eager = lightning_ops.lightning_attn_with_cache(q, k, v, slope, caches[1], slots, scale=0.5, backend=backend)
+        o_eager = lightning_ops.lightning_attn_with_cache(q, k, v, slope, caches[1], slots, scale=0.5,
+                                                          backend=backend)
     assert eager_calls == []
     torch.testing.assert_close(o_eager, o_op, rtol=0, atol=0)
     torch.testing.assert_close(caches[1], caches[0], rtol=0, atol=0)
