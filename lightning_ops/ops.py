@@ -29,6 +29,7 @@ bodies, outside torch.compile tracing and CUDA-graph capture:
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
 from m1_kernels.dispatch import part_impl, resolve_backend, run_backend as _run
@@ -136,6 +137,7 @@ class _AttnEager(torch.autograd.Function):
         return output
 
     @staticmethod
+    @once_differentiable  # as through the ops: the backward op has no formula of its own
     def backward(ctx, do, dfinal):
         return _attn_grads(_attn_bwd_body, ctx, do, dfinal)
 

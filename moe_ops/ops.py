@@ -19,6 +19,7 @@ from collections import Counter
 from typing import Callable, NamedTuple, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from m1_kernels.dispatch import part_impl, resolve_backend, run_backend as _run
 from m1_kernels.validate import FLOAT_DTYPES, check_shape, check_tensor
@@ -343,8 +344,8 @@ def _fused_moe_kernels(x, gate_weight, gate_up_proj, down_proj, top_k, renormali
 class _MoeEager(torch.autograd.Function):
     """fused_moe's kernel backends in eager mode with a gradient: the steps' bodies forward, the ops'
     autograd formulas chained backward, without the dispatch of seven custom-op calls per forward+backward
-    (host time of the op layer on the CPU with a stub backend: 0.90 ms through the custom ops, 0.39 ms
-    this way; bench/NOTES.md, session 17). torch.compile and export trace the custom ops."""
+    (host time of the op layer on the CPU with a stub backend: 0.90-0.92 ms through the custom ops,
+    0.41-0.44 ms this way; bench/NOTES.md, session 17). torch.compile and export trace the custom ops."""
 
     @staticmethod
     def forward(ctx, x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend):
@@ -356,6 +357,7 @@ class _MoeEager(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # as through the ops: the backward kernels have no formula of their own
     def backward(ctx, dout):
         x, gate_weight, gate_up_proj, down_proj, weights, ids, x_sorted, sorted_idx, offsets, y_sorted, h, preact = (
             ctx.saved_tensors)

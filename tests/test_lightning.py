@@ -293,8 +293,8 @@ def test_torch_compile(backend):
 @pytest.mark.parametrize("backend", ATTN_KERNELS)
 def test_eager_calls_skip_the_custom_op_with_its_results(backend):
     """Outside torch.compile a kernel backend runs the op's body and autograd formula directly
-    (_AttnEager): the same outputs and gradients as through the custom op, without its dispatch; the
-    slot-cache prefill runs its body."""
+    (_AttnEager): the same outputs and gradients as through the custom op, without its dispatch, and like it
+    no second derivative; the slot-cache prefill runs its body."""
     backend = require_backend(backend, ATTN_BACKENDS)
     D = main_dim(backend)
     q, k, v, slope, h0 = make_inputs(1, 40, 2, D, D, torch.float32, 3)
@@ -316,6 +316,13 @@ def test_eager_calls_skip_the_custom_op_with_its_results(backend):
     assert eager_calls == []
     for name, a, b in zip(["o", "final", "dq", "dk", "dv", "dh0"], eager, via_op):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    for attn in (lambda *t: ops._attn_fwd(*t[:3], slope, t[3], None, 0.5, True, backend)[0],  # no second
+                 lambda *t: lightning_ops.lightning_attn(*t[:3], slope, scale=0.5, initial_state=t[3],
+                                                         backend=backend)[0]):           # derivative either way
+        leaves = [x.detach().requires_grad_() for x in (q, k, v, h0)]
+        (dq,) = torch.autograd.grad(attn(*leaves).square().sum(), leaves[0], create_graph=True)
+        with pytest.raises(RuntimeError, match="autograd formula|once_differentiable"):
+            dq.sum().backward()
 
     # The slot-cache prefill (inference, no backward) runs its body: same output, same cache update.
     caches = [torch.zeros(3, 2, D, D, device=DEVICE) for _ in range(2)]

@@ -405,7 +405,7 @@ def test_torch_compile(backend):
 def test_eager_calls_skip_the_custom_ops_with_their_results(backend, needs_grad):
     """Outside torch.compile a kernel backend runs the steps' bodies and chains the ops' autograd formulas
     itself (_MoeEager): no custom op is dispatched, and the output and every asked-for gradient equal the
-    custom-op chain's bit for bit, whichever inputs need a gradient."""
+    custom-op chain's bit for bit, whichever inputs need a gradient; a second derivative is refused by both."""
     require(backend, "fused_moe")
     dtype = torch.bfloat16 if backend == "cuda" else torch.float32
     N = 70  # above the few-token limit, so the no-gradient call also takes the general path
@@ -430,6 +430,13 @@ def test_eager_calls_skip_the_custom_ops_with_their_results(backend, needs_grad)
     for name, a, b in zip(["out", *(["x", "gate_weight", "gate_up_proj", "down_proj"][i] for i in wanted)],
                           eager, via_ops):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    if needs_grad == "all":  # neither path has a second derivative: both refuse one rather than drop terms
+        for fused in (lambda *t: ops._fused_moe_kernels(*t, 2, True, backend),
+                      lambda *t: moe_ops.fused_moe(*t, 2, backend=backend)):
+            leaves = [t.detach().requires_grad_() for t in inputs]
+            (dx,) = torch.autograd.grad(fused(*leaves).square().sum(), leaves[0], create_graph=True)
+            with pytest.raises(RuntimeError, match="autograd formula|once_differentiable"):
+                dx.sum().backward()
 
 
 # ---------------------------------------------------------------------------------------------------
