@@ -369,9 +369,11 @@ class _MoeEager(torch.autograd.Function):
                                                                 down_proj, offsets, ctx.backend)
             if needs_x:  # permute's backward: each token's k copies summed
                 dx = _unpermute_body(dx_sorted, sorted_idx, None, ctx.top_k, ctx.backend)
-        dx_route, d_gate = _route_grads(dweights, x, gate_weight, ids, ctx.renormalize, needs_x, needs_gate)
-        if dx_route is not None:
-            dx = dx_route if dx is None else dx + dx_route
+        d_gate = None
+        if needs_x or needs_gate:  # the routing weights' gradient, as the ops run it only when it is needed
+            dx_route, d_gate = _route_grads(dweights, x, gate_weight, ids, ctx.renormalize, needs_x, needs_gate)
+            if dx_route is not None:
+                dx = dx_route if dx is None else dx + dx_route
         return (dx, d_gate, d_gate_up if needs_gate_up else None, d_down if needs_down else None,
                 None, None, None)
 
