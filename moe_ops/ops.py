@@ -100,29 +100,32 @@ def _(x, gate_weight, top_k, renormalize, backend):
 def _route_setup_context(ctx, inputs, output):
     x, gate_weight, top_k, renormalize, backend = inputs
     ctx.save_for_backward(x, gate_weight, output[1])
-    ctx.renormalize = renormalize
+    ctx.renormalize, ctx.backend = renormalize, backend
 
 
-def _route_grads(dweights, x, gate_weight, ids, renormalize, needs_dx, needs_dgate):
-    """Softmax -> top-k -> renormalise backward, from recomputed fp32 probabilities ([N, E]: small)."""
-    xf, gf = x.float(), gate_weight.float()
-    probs = torch.softmax(xf @ gf.T, dim=-1)
-    picked = probs.gather(1, ids.long())
-    d_picked = dweights
-    if renormalize:
-        total = picked.sum(dim=1, keepdim=True)
-        w = picked / total
-        d_picked = (dweights - (dweights * w).sum(dim=1, keepdim=True)) / total
-    d_probs = torch.zeros_like(probs).scatter(1, ids.long(), d_picked)
-    d_logits = probs * (d_probs - (d_probs * probs).sum(dim=1, keepdim=True))
-    dx = (d_logits @ gf).to(x.dtype) if needs_dx else None
-    dgate = (d_logits.T @ xf).to(gate_weight.dtype) if needs_dgate else None
-    return dx, dgate
+def _route_bwd_body(dweights, x, gate_weight, ids, renormalize, needs_dx, needs_dgate, backend):
+    return _impl(backend, "route").route_backward(dweights, x, gate_weight, ids, renormalize, needs_dx, needs_dgate)
+
+
+@torch.library.custom_op("m1_ops::moe_route_bwd", mutates_args=())
+def _route_bwd(dweights: torch.Tensor, x: torch.Tensor, gate_weight: torch.Tensor, ids: torch.Tensor,
+               renormalize: bool, needs_dx: bool, needs_dgate: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dgate) of route; a gradient not asked for is an empty [0, H] tensor (an op returns tensors)."""
+    dx, dgate = _route_bwd_body(dweights, x, gate_weight, ids, renormalize, needs_dx, needs_dgate, backend)
+    return (dx if needs_dx else x.new_empty(0, x.shape[1]),
+            dgate if needs_dgate else gate_weight.new_empty(0, gate_weight.shape[1]))
+
+
+@_route_bwd.register_fake
+def _(dweights, x, gate_weight, ids, renormalize, needs_dx, needs_dgate, backend):
+    return (x.new_empty(x.shape[0] if needs_dx else 0, x.shape[1]),
+            gate_weight.new_empty(gate_weight.shape[0] if needs_dgate else 0, gate_weight.shape[1]))
 
 
 def _route_backward(ctx, dweights, _dids):
-    dx, dgate = _route_grads(dweights, *ctx.saved_tensors, ctx.renormalize, *ctx.needs_input_grad[:2])
-    return dx, dgate, None, None, None
+    needs_dx, needs_dgate = ctx.needs_input_grad[:2]
+    dx, dgate = _route_bwd(dweights, *ctx.saved_tensors, ctx.renormalize, needs_dx, needs_dgate, ctx.backend)
+    return dx if needs_dx else None, dgate if needs_dgate else None, None, None, None
 
 
 _route.register_autograd(_route_backward, setup_context=_route_setup_context)
@@ -371,7 +374,8 @@ class _MoeEager(torch.autograd.Function):
                 dx = _unpermute_body(dx_sorted, sorted_idx, None, ctx.top_k, ctx.backend)
         d_gate = None
         if needs_x or needs_gate:  # the routing weights' gradient, as the ops run it only when it is needed
-            dx_route, d_gate = _route_grads(dweights, x, gate_weight, ids, ctx.renormalize, needs_x, needs_gate)
+            dx_route, d_gate = _route_bwd_body(dweights, x, gate_weight, ids, ctx.renormalize, needs_x, needs_gate,
+                                               ctx.backend)
             if dx_route is not None:
                 dx = dx_route if dx is None else dx + dx_route
         return (dx, d_gate, d_gate_up if needs_gate_up else None, d_down if needs_down else None,

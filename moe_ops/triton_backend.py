@@ -7,6 +7,7 @@ in torch.library custom ops with fake implementations and autograd formulas.
 The interface of a kernel backend module (moe_ops.cuda_backend implements the same names; offsets are
 [E+1] int32 on the device with offsets[0] = 0 and offsets[E] = M):
     route(x, gate_weight, top_k, renormalize) -> (weights [N, k] fp32, ids [N, k] int32)
+    route_backward(dweights, x, gate_weight, ids, renormalize, needs_dx, needs_dgate) -> (dx or None, dgate or None)
     permute(x, expert_ids, num_experts) -> (x_sorted [N*k, H], sorted_idx [N*k] int32, offsets)
     unpermute(y_sorted, sorted_idx, weights or None, top_k) -> out [N, H]
     unpermute_backward(dout, y_sorted, sorted_idx, weights) -> (dy_sorted, dweights fp32)
@@ -32,7 +33,7 @@ from m1_kernels.dispatch import triton_interpreted
 from .triton import few_token as FT
 from .triton import grouped_gemm as G
 from .triton import permute as P
-from .triton.routing import route_kernel
+from .triton.routing import route_backward_kernel, route_gate_grad_kernel, route_kernel
 
 
 def _pow2(n, lo=1):
@@ -46,22 +47,56 @@ def _dot_precision(dtype):
 # ---------------------------------------------------------------------------------------------------
 # Routing and permutation
 
+def _router_launch(x, gate_weight, top_k, renormalize):
+    """The router kernels' common launch: grid, strides and tiles (16 tokens a program, every expert in
+    one tile, hidden blocks sized to keep the [16, E] x [E, BLOCK_H] tiles in registers)."""
+    N, E = x.shape[0], gate_weight.shape[0]
+    block_e = _pow2(E, 16)
+    exact = x.dtype == gate_weight.dtype and x.dtype in (torch.float16, torch.bfloat16)
+    args = (N, x.shape[1], E, x.stride(0), x.stride(1), gate_weight.stride(0), gate_weight.stride(1))
+    meta = dict(TOP_K=top_k, RENORMALIZE=bool(renormalize), EXACT_16BIT_DOT=exact, BLOCK_N=16, BLOCK_E=block_e,
+                BLOCK_H=max(16, min(128, 4096 // block_e)))
+    return (triton.cdiv(N, 16),), args, meta
+
+
 def route(x, gate_weight, top_k, renormalize):
-    N, H = x.shape
-    E = gate_weight.shape[0]
+    N = x.shape[0]
     weights = torch.empty(N, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(N, top_k, dtype=torch.int32, device=x.device)
     if N == 0:
         return weights, ids
-    block_e = _pow2(E, 16)
-    block_h = max(16, min(128, 4096 // block_e))
-    route_kernel[(triton.cdiv(N, 16),)](
-        x, gate_weight, weights, ids, N, H, E, x.stride(0), x.stride(1), gate_weight.stride(0),
-        gate_weight.stride(1), TOP_K=top_k, RENORMALIZE=bool(renormalize),
-        EXACT_16BIT_DOT=x.dtype == gate_weight.dtype and x.dtype in (torch.float16, torch.bfloat16), BLOCK_N=16,
-        BLOCK_E=block_e,
-        BLOCK_H=block_h, BLOCK_K=_pow2(top_k, 2))
+    grid, args, meta = _router_launch(x, gate_weight, top_k, renormalize)
+    route_kernel[grid](x, gate_weight, weights, ids, *args, BLOCK_K=_pow2(top_k, 2), **meta)
     return weights, ids
+
+
+def route_backward(dweights, x, gate_weight, ids, renormalize, needs_dx, needs_dgate):
+    """Gradients of route's weights with respect to x [N, H] and gate_weight [E, H] (None where not needed),
+    from the logits recomputed as route computes them: the [N, E] d(logits) in fp32 (for dgate only), dx
+    from the same kernel, dgate from per-split partial sums over the tokens, added in order."""
+    N, H = x.shape
+    E = gate_weight.shape[0]
+    dx = torch.empty(N, H, dtype=x.dtype, device=x.device) if needs_dx else None
+    d_logits = torch.empty(N, E, dtype=torch.float32, device=x.device) if needs_dgate else None
+    if N == 0:
+        return dx, gate_weight.new_zeros(E, H) if needs_dgate else None
+    grid, args, meta = _router_launch(x, gate_weight, ids.shape[1], renormalize)
+    route_backward_kernel[grid](x, gate_weight, ids, dweights.float().contiguous(), d_logits, dx, *args,
+                                STORE_DLOGITS=needs_dgate, STORE_DX=needs_dx, **meta)
+    if not needs_dgate:
+        return dx, None
+    block_n, block_e = 32, meta["BLOCK_E"]
+    block_h = max(16, min(64, 4096 // block_e))
+    column_blocks, row_blocks = triton.cdiv(H, block_h), triton.cdiv(N, block_n)
+    # Enough programs to fill the GPU: the tokens split into parts whose partial sums are added in order.
+    splits = min(row_blocks, max(1, 4 * G.num_sms(x.device) // column_blocks))
+    rows_per_split = triton.cdiv(row_blocks, splits) * block_n
+    splits = triton.cdiv(N, rows_per_split)
+    partial = torch.empty(splits, E, H, dtype=torch.float32, device=x.device)
+    route_gate_grad_kernel[(column_blocks, splits)](
+        d_logits, x, partial, N, H, E, rows_per_split, x.stride(0), x.stride(1), BLOCK_N=block_n, BLOCK_E=block_e,
+        BLOCK_H=block_h)
+    return dx, partial.sum(0).to(gate_weight.dtype)
 
 
 def sort_by_expert(expert_ids, num_experts):

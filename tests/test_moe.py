@@ -152,6 +152,38 @@ def test_route_matches_reference(backend, N, E, k, renormalize, dtype, seed):
     torch.testing.assert_close(w.cpu().double(), w_ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(N=st.sampled_from([1, 17, 40] if not ON_GPU else [1, 17, 300, 4099]), E=st.sampled_from([1, 3, 32, 256]),
+       k=st.integers(1, 8), H=st.sampled_from([24, 136]), renormalize=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])),
+       gate_fp32=st.booleans(), needs=st.sampled_from(["both", "x", "gate_weight"]), seed=st.integers(0, 2**16))
+def test_route_gradients_match_reference(backend, N, E, k, H, renormalize, dtype, gate_fp32, needs, seed):
+    """dx and d(gate_weight) of the routing weights; the kernels' tiles (16 tokens, hidden blocks of 16-128,
+    the token splits of the gate gradient) are crossed by N and H."""
+    require(backend, "route")
+    k = min(k, E)
+    x, gate, _, _ = make_moe(N, H, 1, E, k, "zipf", seed)
+    x, gate = x.to(dtype), gate.to(torch.float32 if gate_fp32 else dtype)
+    assume(routing_margin(x, gate, k) > 1e-3)
+    dweights = torch.randn(N, k, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    wanted = (needs != "gate_weight", needs != "x")
+
+    def grads(fn, device, to64=False):
+        leaves = [t.detach().to(device=device, dtype=torch.float64 if to64 else t.dtype).requires_grad_(w)
+                  for t, w in zip((x, gate), wanted)]
+        weights, _ = fn(*leaves)
+        return torch.autograd.grad(weights, [t for t in leaves if t.requires_grad], dweights.to(weights))
+
+    with nan_filled_outputs():
+        got = grads(lambda a, b: moe_ops.route(a, b, k, renormalize=renormalize, backend=backend), DEVICE)
+    truth = grads(lambda a, b: RM.route(a, b, k, renormalize), "cpu", to64=True)
+    base = grads(lambda a, b: RM.route(a, b, k, renormalize), "cpu")
+    names = [n for n, w in zip(("dx", "dgate"), wanted) if w]
+    for name, a, t, b in zip(names, got, truth, base):
+        assert a.dtype == b.dtype
+        assert_within_2x(name, a.cpu(), t, b)
+
+
 # ---------------------------------------------------------------------------------------------------
 # permute / unpermute
 
@@ -368,6 +400,9 @@ def test_opcheck(backend):
     weights, ids = ops._route(x, gate, 2, True, backend)
     x_sorted, sorted_idx, offsets = ops._permute(x, ids, 3, backend)
     torch.library.opcheck(ops._route, (x, gate, 2, True, backend))
+    for needs_dx, needs_dgate in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(ops._route_bwd, (torch.randn_like(weights), x.detach(), gate.detach(), ids, True,
+                                               needs_dx, needs_dgate, backend))
     torch.library.opcheck(ops._permute, (x, ids, 3, backend))
     torch.library.opcheck(ops._grouped_gemm, (x_sorted.detach().requires_grad_(), gate_up, offsets, "nk", backend))
     torch.library.opcheck(ops._grouped_gemm, (x_sorted.detach(), gate_up.transpose(1, 2).contiguous(), offsets,
@@ -394,7 +429,7 @@ def test_torch_compile(backend):
     (g_c,) = torch.autograd.grad(out_c.sum(), x)
     out_e = f(x)
     (g_e,) = torch.autograd.grad(out_e.sum(), x)
-    # bf16 (cuda): inductor fuses the routing backward's elementwise math in another order
+    # bf16 (cuda): inductor may compute the elementwise steps between the ops (dx's two terms) in another order
     tol = dict(rtol=2e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out_c, out_e, **tol)
     torch.testing.assert_close(g_c, g_e, **tol)

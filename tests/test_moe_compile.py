@@ -1,6 +1,7 @@
-"""The grouped-GEMM kernels (forward and weight gradient) and the few-token kernels compile for Hopper
-(sm_90) on any machine, GPU or not, to what the performance design needs: cp.async multi-stage
-pipelines feeding wgmma for the large tiles, and shared memory within the 227 KB an H100 block may use.
+"""The grouped-GEMM kernels (forward and weight gradient), the few-token kernels and the router's kernels
+compile for Hopper (sm_90) on any machine, GPU or not, to what the performance design needs: cp.async
+multi-stage pipelines feeding wgmma for the large tiles, and shared memory within the 227 KB an H100
+block may use.
 This catches GPU-only compile errors and a silently unpipelined K loop before the GPU run.
 
 Compilation runs in a subprocess without TRITON_INTERPRET (the interpreter, which the CPU tests use,
@@ -155,19 +156,47 @@ def few_token_small_kernels_compile():
     return out
 
 
+# The router's forward and backward at M1's expert count and at the largest, as the backend launches them
+# (block_e, block_h): bf16 x with a bf16 router (tensor-core logits) or an fp32 one (ieee dots).
+ROUTE_TILES = [(32, 128, 64), (256, 16, 16)]
+
+
+def routing_kernels_compile():
+    """Shared memory of each compiled launch of the router's forward and backward kernels."""
+    from m1_kernels.moe_ops.triton import routing as R
+
+    out = []
+    for gate in ("bf16", "fp32"):
+        exact = gate == "bf16"
+        for block_e, block_h, gate_block_h in ROUTE_TILES:
+            out.append(compile_for_hopper(R.route_kernel, dict(x_ptr="*bf16", gate_ptr=f"*{gate}", weights_ptr="*fp32",
+                                                                ids_ptr="*i32"),
+                                          dict(TOP_K=2, RENORMALIZE=True, EXACT_16BIT_DOT=exact, BLOCK_N=16,
+                                               BLOCK_E=block_e, BLOCK_H=block_h, BLOCK_K=2))[0])
+            out.append(compile_for_hopper(R.route_backward_kernel,
+                                          dict(x_ptr="*bf16", gate_ptr=f"*{gate}", ids_ptr="*i32", dweights_ptr="*fp32",
+                                               dlogits_ptr="*fp32", dx_ptr="*bf16"),
+                                          dict(TOP_K=2, RENORMALIZE=True, EXACT_16BIT_DOT=exact, STORE_DLOGITS=True,
+                                               STORE_DX=True, BLOCK_N=16, BLOCK_E=block_e, BLOCK_H=block_h))[0])
+            out.append(compile_for_hopper(R.route_gate_grad_kernel,
+                                          dict(dlogits_ptr="*fp32", x_ptr="*bf16", partial_ptr="*fp32"),
+                                          dict(BLOCK_N=32, BLOCK_E=block_e, BLOCK_H=gate_block_h))[0])
+    return out
+
+
 @pytest.fixture(scope="module")
 def reports():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import json, sys; sys.path.insert(0, 'tests'); import test_moe_compile as t; "
             "print(json.dumps([[t.compile_report(*c) for c in t.CASES], "
             "[t.few_token_reports(*c) for c in t.FEW_TOKEN_CASES], t.few_token_small_kernels_compile(), "
-            "t.wgrad_reports()]))")
+            "t.wgrad_reports(), t.routing_kernels_compile()]))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    grouped, few_token, small, wgrad = json.loads(done.stdout.strip().splitlines()[-1])
+    grouped, few_token, small, wgrad, routing = json.loads(done.stdout.strip().splitlines()[-1])
     return {**dict(zip(CASES, grouped)), **dict(zip(FEW_TOKEN_CASES, few_token)), "few-token small kernels": small,
-            "wgrad": wgrad}
+            "wgrad": wgrad, "routing": routing}
 
 
 def assert_pipelined(r):
@@ -208,3 +237,8 @@ def test_few_token_configs_compile_pipelined_for_hopper(reports, case):
 
 def test_few_token_routing_plan_and_sum_kernels_compile_for_hopper(reports):
     assert all(shared <= H100_SMEM for shared in reports["few-token small kernels"])
+
+
+def test_routing_forward_and_backward_kernels_compile_for_hopper(reports):
+    assert len(reports["routing"]) == 3 * 2 * len(ROUTE_TILES)
+    assert all(shared <= H100_SMEM for shared in reports["routing"])

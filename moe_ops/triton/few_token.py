@@ -32,30 +32,20 @@ import triton.language as tl
 from m1_kernels.dispatch import autotune_prune
 
 from .grouped_gemm import INTERPRETED
-from .routing import softmax_top_k
+from .routing import router_logits, softmax_top_k
 
 
 @triton.jit
 def router_logits_kernel(x_ptr, gate_ptr, partial_ptr, N, H, E, SLICE, stride_xn, stride_ge,
                          EXACT_16BIT_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
                          BLOCK_H: tl.constexpr):
-    """partial[s] [BLOCK_N, BLOCK_E] = x[:, s*SLICE:(s+1)*SLICE] @ gate[:, same]^T in fp32 (see
-    routing.route_kernel for EXACT_16BIT_DOT)."""
+    """partial[s] [BLOCK_N, BLOCK_E] = x[:, s*SLICE:(s+1)*SLICE] @ gate[:, same]^T in fp32."""
     s = tl.program_id(0)
     rows = tl.arange(0, BLOCK_N)
     experts = tl.arange(0, BLOCK_E)
-    logits = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
-    for h0 in range(s * SLICE, tl.minimum(H, (s + 1) * SLICE), BLOCK_H):
-        hs = h0 + tl.arange(0, BLOCK_H)
-        h_mask = hs < H
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xn + hs[None, :],
-                    mask=(rows < N)[:, None] & h_mask[None, :], other=0.0)
-        g = tl.load(gate_ptr + experts[:, None].to(tl.int64) * stride_ge + hs[None, :],
-                    mask=(experts < E)[:, None] & h_mask[None, :], other=0.0)
-        if EXACT_16BIT_DOT:
-            logits = tl.dot(x, tl.trans(g), logits)
-        else:
-            logits = tl.dot(x.to(tl.float32), tl.trans(g.to(tl.float32)), logits, input_precision="ieee")
+    logits = router_logits(x_ptr, gate_ptr, rows, rows < N, experts, experts < E, s * SLICE,
+                           tl.minimum(H, (s + 1) * SLICE), stride_xn, 1, stride_ge, 1, EXACT_16BIT_DOT, BLOCK_N,
+                           BLOCK_E, BLOCK_H)
     tl.store(partial_ptr + s * BLOCK_N * BLOCK_E + rows[:, None] * BLOCK_E + experts[None, :], logits)
 
 
