@@ -19,6 +19,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from m1_kernels.extension import cuda_extension, kernel_dtype, ptr, stream_of
+from m1_kernels.validate import host_values
 
 # Segments are sized for about this many blocks per SM of the sums and output kernels: enough for
 # whole waves, few enough that the sums (which skip each sequence's last segment) read little.
@@ -43,7 +44,7 @@ def lightning_decode(q, k, v, slope, state, slot_idx, scale):
     return out
 
 
-# Per cu_seqlens tensor: (its in-place version, its values on the host, {(T, H, Dv, reverse, blocks/SM): tables}).
+# Per cu_seqlens tensor: (its in-place version, {(T, H, Dv, reverse, blocks/SM): tables}).
 _PACKED_TABLES = WeakIdKeyDictionary()
 
 
@@ -55,17 +56,19 @@ def _segment_table(B, T, H, Dv, cu_seqlens, device, reverse=False):
     Returns int32 tables on `device`: segments [G, 4] (row b, start t, length, sequence) and
     sequences [N, 2] (first segment, count). Tables are cached, fixed-length ones per shape and packed
     ones per cu_seqlens tensor and in-place version: a repeated call does no host work, copy or
-    synchronisation, and the forward's and the backward's tables share one host read of cu_seqlens
-    (a model's layers share one cu_seqlens, so a training step reads it on the host once here).
+    synchronisation. The op's value check, the forward's and the backward's tables share one host read
+    of cu_seqlens (`host_values`; a model's layers share one cu_seqlens, so a training step
+    synchronises once for it).
     """
     if cu_seqlens is None:
         return _fixed_length_table(B, T, H, Dv, device, SEGMENT_BLOCKS_PER_SM)
-    version, bounds, tables = _PACKED_TABLES.get(cu_seqlens, (None, None, None))
-    if version != cu_seqlens._version:  # new, or modified in place: one host read serves every table
-        version, bounds, tables = cu_seqlens._version, cu_seqlens.tolist(), {}
-        _PACKED_TABLES[cu_seqlens] = (version, bounds, tables)
+    version, tables = _PACKED_TABLES.get(cu_seqlens, (None, None))
+    if version != cu_seqlens._version:  # new, or modified in place
+        version, tables = cu_seqlens._version, {}
+        _PACKED_TABLES[cu_seqlens] = (version, tables)
     key = (T, H, Dv, reverse, SEGMENT_BLOCKS_PER_SM)
     if key not in tables:
+        bounds = host_values(cu_seqlens)
         lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
         starts = [T - b for b in bounds[1:]] if reverse else bounds[:-1]
         tables[key] = _build_table([0] * len(lengths), starts, lengths, H, Dv, device, SEGMENT_BLOCKS_PER_SM)

@@ -33,7 +33,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
 from m1_kernels.dispatch import part_impl, resolve_backend, run_backend as _run
-from m1_kernels.validate import FLOAT_DTYPES, can_read_values, check_shape, check_tensor
+from m1_kernels.validate import FLOAT_DTYPES, can_read_values, check_shape, check_tensor, host_values
 
 from .backends import BACKENDS, OP_BACKENDS
 
@@ -185,7 +185,7 @@ def _check_once(valid, check, tensor, *args):
 
 
 def _check_cu_seqlens_values(cu_seqlens, total):
-    cu = cu_seqlens.tolist()
+    cu = host_values(cu_seqlens)
     if cu[0] != 0 or cu[-1] != total:
         raise ValueError(f"cu_seqlens must start at 0 and end at the packed length {total}, got {cu[0]}..{cu[-1]}")
     if any(b < a for a, b in zip(cu[:-1], cu[1:])):

@@ -1,6 +1,7 @@
 """Input checks shared by the public ops: each raises TypeError/ValueError naming the argument."""
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -35,3 +36,20 @@ def can_read_values(device: torch.device) -> bool:
     """Whether a check may read tensor values on the host: not while torch.compile traces (it would
     break the graph) nor while a CUDA graph is captured."""
     return not torch.compiler.is_compiling() and not capturing(device)
+
+
+# Device tensors read on the host, with their in-place version then: {tensor: (version, values)}.
+_HOST_VALUES = WeakIdKeyDictionary()
+
+
+def host_values(t: torch.Tensor) -> tuple:
+    """t's values as a tuple on the host, read once per device tensor and in-place version: the checks and
+    the kernels' tables that need the same values (cu_seqlens) share one host-device synchronisation.
+    CPU tensors are read on every call (nothing to save)."""
+    if t.device.type == "cpu":
+        return tuple(t.tolist())
+    version, values = _HOST_VALUES.get(t, (None, None))
+    if version != t._version:
+        version, values = t._version, tuple(t.tolist())
+        _HOST_VALUES[t] = (version, values)
+    return values

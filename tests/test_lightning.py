@@ -547,25 +547,34 @@ def test_backend_table_declares_borrowing_and_limits():
     assert "borrows from 'cuda'" in (lender_missing.device_error(torch.device("cpu")) or "")
 
 
-def test_cuda_packed_tables_share_one_host_read_per_cu_seqlens_version(monkeypatch):
-    """The cuda backend's packed segment tables (forward and the backward's reversed ones) read
-    cu_seqlens on the host once per in-place version and are built once per direction and shape."""
+def test_cu_seqlens_check_and_cuda_tables_share_one_host_read_per_version(monkeypatch):
+    """On a device, the op's value check of cu_seqlens and the cuda backend's packed segment tables
+    (forward, and the backward's reversed ones) read it on the host once per in-place version; tables are
+    built once per direction and shape. A meta tensor stands in for a CUDA one (its host values patched)."""
     from m1_kernels.lightning_ops import cuda_backend
 
-    builds, reads = [], []
+    builds, reads, values = [], [], [0, 100, 700]
     monkeypatch.setattr(cuda_backend, "_build_table", lambda rows, starts, lengths, *rest: builds.append(
         (list(starts), list(lengths))) or object())
     real_tolist = torch.Tensor.tolist
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or real_tolist(t))
-    cu = torch.tensor([0, 100, 700], dtype=torch.int32)
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: (reads.append(1) or list(values)) if t.is_meta
+                        else real_tolist(t))
+    cu = torch.empty(3, dtype=torch.int32, device="meta")
+    ops._check_values(cu.device, cu_seqlens=cu, total=700)
     forward = cuda_backend._segment_table(1, 700, 2, 64, cu, cu.device)
     assert cuda_backend._segment_table(1, 700, 2, 64, cu, cu.device) is forward
     backward = cuda_backend._segment_table(1, 700, 2, 64, cu, cu.device, reverse=True)
     assert backward is not forward
     assert builds == [([0, 100], [100, 600]), ([600, 0], [100, 600])] and len(reads) == 1
-    cu[1] = 300
+    values[1] = 300
+    cu.add_(0)  # an in-place change: read again
+    ops._check_values(cu.device, cu_seqlens=cu, total=700)
     assert cuda_backend._segment_table(1, 700, 2, 64, cu, cu.device) is not forward
     assert builds[-1] == ([0, 300], [300, 400]) and len(reads) == 2
+    values[1] = 800
+    cu.add_(0)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        ops._check_values(cu.device, cu_seqlens=cu, total=700)
 
 
 def test_cuda_backend_unavailable_raises_clearly(monkeypatch):
