@@ -10,9 +10,10 @@ The backends and what each takes are declared once, in moe_ops/backends.py. Kern
 the torch.library custom ops below (fake tensors, registered autograd, opcheck); the torch backend is
 plain differentiable PyTorch and runs the op bodies directly (`_run` decides). Called eagerly (outside
 torch.compile), fused_moe on a kernel backend skips the custom ops' dispatch: the same bodies and autograd
-formulas, chained in `_MoeEager`. Offsets stay on the device: on CUDA tensors no op reads a value back to
-the host (expert ids and offsets are checked on CPU tensors only), so a whole MoE forward captures in a
-CUDA graph.
+formulas, chained in `_MoeEager`; route, permute, grouped_gemm and unpermute run their body forward and
+their registered formula backward (`_OpEager`). Offsets stay on the device: on CUDA tensors no op reads
+a value back to the host (expert ids and offsets are checked on CPU tensors only), so a whole MoE forward
+captures in a CUDA graph.
 """
 
 from collections import Counter
@@ -389,6 +390,40 @@ def _fused_moe_eager(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize
     return _fused_moe_steps(_BODIES, x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend)
 
 
+class _OpEager(torch.autograd.Function):
+    """One custom op in eager mode: its body forward and its registered autograd formula backward (whose
+    backward ops stay custom ops: the formula is the op's, second derivatives included), without the
+    forward's dispatch. The op's inputs come first, so that ctx.needs_input_grad lines up with them as
+    the formula expects; the (body, setup_context, backward) triple is the last input."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        *args, (body, setup_context, backward) = inputs
+        out = body(*args)
+        setup_context(ctx, tuple(args), out)
+        ctx.formula = backward
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (*ctx.formula(ctx, *grads), None)
+
+
+def _op_eager(body, setup_context, backward):
+    """The eager path of one op (dispatch.run_backend's `eager`): the body alone without a gradient."""
+    def call(*args):
+        if _needs_grad(*(a for a in args if isinstance(a, torch.Tensor))):
+            return _OpEager.apply(*args, (body, setup_context, backward))
+        return body(*args)
+    return call
+
+
+_ROUTE_EAGER = _op_eager(_route_body, _route_setup_context, _route_backward)
+_PERMUTE_EAGER = _op_eager(_permute_body, _permute_setup_context, _permute_backward)
+_GROUPED_GEMM_EAGER = _op_eager(_grouped_gemm_body, _gemm_setup_context, _gemm_backward)
+_UNPERMUTE_EAGER = _op_eager(_unpermute_body, _unpermute_setup_context, _unpermute_backward)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Checks
 
@@ -498,7 +533,7 @@ def route(x, gate_weight, top_k, *, renormalize=True, backend=None):
     _check_x("x", x)
     _check_gate(gate_weight, x, top_k)
     row = resolve_backend("route", backend, OP_BACKENDS["route"], x.device)
-    return _run(row, _route, _route_body, x, gate_weight, top_k, bool(renormalize))
+    return _run(row, _route, _route_body, x, gate_weight, top_k, bool(renormalize), eager=_ROUTE_EAGER)
 
 
 def permute(x, expert_ids, num_experts, *, backend=None):
@@ -516,7 +551,7 @@ def permute(x, expert_ids, num_experts, *, backend=None):
     _check_int("num_experts", num_experts, 1, MAX_EXPERTS)
     _check_expert_ids(expert_ids, x.shape[0], num_experts, x.device)
     row = resolve_backend("permute", backend, OP_BACKENDS["permute"], x.device)
-    return _run(row, _permute, _permute_body, x, expert_ids, num_experts)
+    return _run(row, _permute, _permute_body, x, expert_ids, num_experts, eager=_PERMUTE_EAGER)
 
 
 def grouped_gemm(x, weight, offsets, *, weight_layout="nk", backend=None):
@@ -542,7 +577,8 @@ def grouped_gemm(x, weight, offsets, *, weight_layout="nk", backend=None):
     _check_offsets(offsets, weight.shape[0], x.shape[0], x.device)
     row = resolve_backend("grouped_gemm", backend, OP_BACKENDS["grouped_gemm"], x.device, dtype=x.dtype,
                           gemm_sizes={"N (output columns)": N, "K (x.shape[1])": K})
-    return _run(row, _grouped_gemm, _grouped_gemm_body, x, weight, offsets, weight_layout)
+    return _run(row, _grouped_gemm, _grouped_gemm_body, x, weight, offsets, weight_layout,
+                eager=_GROUPED_GEMM_EAGER)
 
 
 def unpermute(y_sorted, sorted_idx, weights, *, backend=None):
@@ -566,7 +602,7 @@ def unpermute(y_sorted, sorted_idx, weights, *, backend=None):
             torch.sort(sorted_idx).values, torch.arange(N * k, dtype=torch.int32)):
         raise ValueError("sorted_idx must be a permutation of 0 .. N*k-1")
     row = resolve_backend("unpermute", backend, OP_BACKENDS["unpermute"], y_sorted.device)
-    return _run(row, _unpermute, _unpermute_body, y_sorted, sorted_idx, weights, k)
+    return _run(row, _unpermute, _unpermute_body, y_sorted, sorted_idx, weights, k, eager=_UNPERMUTE_EAGER)
 
 
 def fused_moe(x, gate_weight, gate_up_proj, down_proj, top_k, *, renormalize=True, backend=None):

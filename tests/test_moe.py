@@ -474,6 +474,72 @@ def test_eager_calls_skip_the_custom_ops_with_their_results(backend, needs_grad)
                 dx.sum().backward()
 
 
+SINGLE_OPS = ["route", "permute", "grouped_gemm", "unpermute"]
+
+
+def _single_op(op, backend, dtype):
+    """(inputs that get gradients, the op through its custom op, the public op, the custom op's name)."""
+    x, gate, gate_up, _ = to_dev(make_moe(20, 16, 8, 4, 2, "zipf", 7), dtype)
+    weights, ids = moe_ops.route(x, gate, 2, backend="torch")
+    x_sorted, sorted_idx, offsets = moe_ops.permute(x, ids, 4, backend="torch")
+    return {
+        "route": ([x, gate], lambda a, g: ops._route(a, g, 2, True, backend)[0],
+                  lambda a, g: moe_ops.route(a, g, 2, backend=backend)[0]),
+        "permute": ([x], lambda a: ops._permute(a, ids, 4, backend)[0],
+                    lambda a: moe_ops.permute(a, ids, 4, backend=backend)[0]),
+        "grouped_gemm": ([x_sorted, gate_up], lambda a, w: ops._grouped_gemm(a, w, offsets, "nk", backend),
+                         lambda a, w: moe_ops.grouped_gemm(a, w, offsets, backend=backend)),
+        "unpermute": ([x_sorted, weights], lambda y, w: ops._unpermute(y, sorted_idx, w, 2, backend),
+                      lambda y, w: moe_ops.unpermute(y, sorted_idx, w, backend=backend)),
+    }[op] + (f"m1_ops::moe_{op}",)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("op", SINGLE_OPS)
+def test_single_ops_called_eagerly_skip_the_forward_dispatch_with_their_results(backend, op):
+    """Outside torch.compile route, permute, grouped_gemm and unpermute on a kernel backend run their
+    body forward (no custom op dispatched) and their registered formula backward (the same backward ops
+    as through the custom op): output, gradients and second derivatives (or the refusal of one) equal the
+    custom op's bit for bit."""
+    require(backend, op)
+    inputs, via_op, public, name = _single_op(op, backend, torch.bfloat16 if backend == "cuda" else torch.float32)
+
+    def run(fn, create_graph=False):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        with dispatched_custom_ops() as forward_calls:
+            out = fn(*leaves)
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(8)).to(out)
+        with dispatched_custom_ops() as backward_calls:
+            grads = torch.autograd.grad(out, leaves, dout, create_graph=create_graph)
+        return leaves, [out, *grads], forward_calls, backward_calls
+
+    _, op_results, op_forward, op_backward = run(via_op)
+    _, eager_results, eager_forward, eager_backward = run(public)
+    assert op_forward == [name] and eager_forward == []
+    assert eager_backward == op_backward
+    for a, b in zip(eager_results, op_results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    def second_derivative(fn):
+        leaves, (_, *grads), _, _ = run(fn, create_graph=True)
+        varying = [g.float().square().sum() for g in grads if g.requires_grad]
+        if not varying:
+            return "constant first derivative"
+        try:
+            return torch.autograd.grad(sum(varying), leaves, allow_unused=True)
+        except RuntimeError as error:  # a backward op without a formula of its own, named in the message
+            return str(error).splitlines()[0]
+
+    op_second, eager_second = second_derivative(via_op), second_derivative(public)
+    if isinstance(op_second, tuple):
+        for a, b in zip(eager_second, op_second):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+    else:
+        assert eager_second == op_second
+
+
 # ---------------------------------------------------------------------------------------------------
 # Few-token forward (triton): fused_moe without gradients on <= 64 tokens
 
