@@ -8,14 +8,20 @@ import triton.language as tl
 
 
 @triton.jit
+def softmax_over_experts(logits, expert_mask):
+    """fp32 softmax over the experts in expert_mask of logits [rows, BLOCK_E]; 0 for padding experts."""
+    logits = tl.where(expert_mask[None, :], logits, float("-inf"))
+    probs = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    return probs / tl.sum(probs, axis=1)[:, None]
+
+
+@triton.jit
 def softmax_top_k(logits, expert_mask, experts, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
                   BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
     """(weights, ids) [rows, BLOCK_K] of fp32 logits [rows, BLOCK_E]: softmax over the experts in
     expert_mask, the TOP_K largest in descending order (ties to the lowest expert index), optionally
     renormalised to sum to 1; slots past TOP_K hold 0."""
-    logits = tl.where(expert_mask[None, :], logits, float("-inf"))
-    probs = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-    probs = probs / tl.sum(probs, axis=1)[:, None]
+    probs = softmax_over_experts(logits, expert_mask)
     # Padding experts get -1 so that they lose to any real expert, even one whose probability underflowed.
     probs = tl.where(expert_mask[None, :], probs, -1.0)
     slots = tl.arange(0, BLOCK_K)
@@ -87,24 +93,20 @@ def route_backward_kernel(x_ptr, gate_ptr, ids_ptr, dweights_ptr, dlogits_ptr, d
     expert_mask = experts < E
     logits = router_logits(x_ptr, gate_ptr, rows, row_mask, experts, expert_mask, 0, H, stride_xn, stride_xh,
                            stride_ge, stride_gh, EXACT_16BIT_DOT, BLOCK_N, BLOCK_E, BLOCK_H)
-    logits = tl.where(expert_mask[None, :], logits, float("-inf"))
-    probs = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-    probs = probs / tl.sum(probs, axis=1)[:, None]
-    # w_j = p_j / total with total = sum of the picked p (1 without renormalisation):
-    # d p_j = (dw_j - sum_i dw_i w_i) / total, and the picked experts are distinct.
-    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    probs = softmax_over_experts(logits, expert_mask)
+    # d p_j = dw_j, or with renormalisation (w_j = p_j / total, total the picked p's sum)
+    # d p_j = (dw_j - sum_i dw_i w_i) / total; the picked experts are distinct.
+    total = tl.full((BLOCK_N,), 1.0, tl.float32)
     dw_dot_w = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for j in tl.static_range(TOP_K):
-        picked = tl.load(ids_ptr + rows * TOP_K + j, mask=row_mask, other=-1)
-        p_j = tl.sum(tl.where(experts[None, :] == picked[:, None], probs, 0.0), axis=1)
-        total += p_j
-        dw_dot_w += tl.load(dweights_ptr + rows * TOP_K + j, mask=row_mask, other=0.0) * p_j
     if RENORMALIZE:
-        total = tl.where(total > 0, total, 1.0)
+        total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for j in tl.static_range(TOP_K):
+            picked = tl.load(ids_ptr + rows * TOP_K + j, mask=row_mask, other=-1)
+            p_j = tl.sum(tl.where(experts[None, :] == picked[:, None], probs, 0.0), axis=1)
+            total += p_j
+            dw_dot_w += tl.load(dweights_ptr + rows * TOP_K + j, mask=row_mask, other=0.0) * p_j
+        total = tl.where(total > 0, total, 1.0)  # rows past N pick nothing
         dw_dot_w = dw_dot_w / total
-    else:
-        total = tl.full((BLOCK_N,), 1.0, tl.float32)
-        dw_dot_w = tl.zeros((BLOCK_N,), dtype=tl.float32)
     d_probs = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
     for j in tl.static_range(TOP_K):
         picked = tl.load(ids_ptr + rows * TOP_K + j, mask=row_mask, other=-1)
