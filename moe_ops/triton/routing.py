@@ -61,15 +61,26 @@ def router_logits(x_ptr, gate_ptr, rows, row_mask, experts, expert_mask, h_start
 
 
 @triton.jit
-def route_kernel(x_ptr, gate_ptr, weights_ptr, ids_ptr, N, H, E, stride_xn, stride_xh, stride_ge, stride_gh,
-                 TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, EXACT_16BIT_DOT: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+def program_logits(x_ptr, gate_ptr, N, H, E, stride_xn, stride_xh, stride_ge, stride_gh,
+                   EXACT_16BIT_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+                   BLOCK_H: tl.constexpr):
+    """This program's block of tokens (rows, row_mask), the experts (experts, expert_mask) and their logits."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     experts = tl.arange(0, BLOCK_E)
     expert_mask = experts < E
     logits = router_logits(x_ptr, gate_ptr, rows, row_mask, experts, expert_mask, 0, H, stride_xn, stride_xh,
                            stride_ge, stride_gh, EXACT_16BIT_DOT, BLOCK_N, BLOCK_E, BLOCK_H)
+    return rows, row_mask, experts, expert_mask, logits
+
+
+@triton.jit
+def route_kernel(x_ptr, gate_ptr, weights_ptr, ids_ptr, N, H, E, stride_xn, stride_xh, stride_ge, stride_gh,
+                 TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, EXACT_16BIT_DOT: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows, row_mask, experts, expert_mask, logits = program_logits(x_ptr, gate_ptr, N, H, E, stride_xn, stride_xh,
+                                                                  stride_ge, stride_gh, EXACT_16BIT_DOT, BLOCK_N,
+                                                                  BLOCK_E, BLOCK_H)
     top_w, top_id = softmax_top_k(logits, expert_mask, experts, TOP_K, RENORMALIZE, BLOCK_E, BLOCK_K)
     slots = tl.arange(0, BLOCK_K)
     out_mask = row_mask[:, None] & (slots[None, :] < TOP_K)
@@ -87,12 +98,9 @@ def route_backward_kernel(x_ptr, gate_ptr, ids_ptr, dweights_ptr, dlogits_ptr, d
     route_gate_grad_kernel) and dx = d(logits) @ gate [N, H] in x's dtype (if STORE_DX), through
     softmax, the pick of ids and the renormalisation. The probabilities come from the logits recomputed
     as route_kernel computes them."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    experts = tl.arange(0, BLOCK_E)
-    expert_mask = experts < E
-    logits = router_logits(x_ptr, gate_ptr, rows, row_mask, experts, expert_mask, 0, H, stride_xn, stride_xh,
-                           stride_ge, stride_gh, EXACT_16BIT_DOT, BLOCK_N, BLOCK_E, BLOCK_H)
+    rows, row_mask, experts, expert_mask, logits = program_logits(x_ptr, gate_ptr, N, H, E, stride_xn, stride_xh,
+                                                                  stride_ge, stride_gh, EXACT_16BIT_DOT, BLOCK_N,
+                                                                  BLOCK_E, BLOCK_H)
     probs = softmax_over_experts(logits, expert_mask)
     # d p_j = dw_j, or with renormalisation (w_j = p_j / total, total the picked p's sum)
     # d p_j = (dw_j - sum_i dw_i w_i) / total; the picked experts are distinct.
