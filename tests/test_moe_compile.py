@@ -156,8 +156,9 @@ def few_token_small_kernels_compile():
     return out
 
 
-# The router's forward and backward at M1's expert count and at the largest, as the backend launches them
-# (block_e, block_h): bf16 x with a bf16 router (tensor-core logits) or an fp32 one (ieee dots).
+# The router's forward and backward at M1's expert count and at the largest, tiled as the backend launches
+# them (BLOCK_E, the token kernels' BLOCK_H, the gate-gradient kernel's BLOCK_H): bf16 x with a bf16
+# router (tensor-core logits) or an fp32 one (ieee dots).
 ROUTE_TILES = [(32, 128, 64), (256, 16, 16)]
 
 
