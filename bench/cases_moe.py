@@ -8,7 +8,8 @@ sort, torch._grouped_mm for both GEMMs, PyTorch SwiGLU, weighted combine) and, a
 the per-expert loop of reference/moe.py.
 
 The expert MLP's four backward GEMMs are also timed one at a time at 8192 tokens ("moe backward GEMMs"),
-each against the dense matmul rate and against torch._grouped_mm's plain GEMM of the same product.
+each against the dense matmul rate and against torch._grouped_mm's plain GEMM of the same product; and
+the router's forward+backward alone ("moe routing").
 
 Floors: FLOPs = 6 M H F for the GEMM pair (M = tokens * top_k; 3x that forward+backward) against the
 measured matmul rate, and bytes = the active experts' weights read once (plus x and y) against the
@@ -226,6 +227,29 @@ def few_token_case(device, tokens, E, top_k, H, F, dtype=torch.bfloat16, seed=0)
                 params=dict(tokens=tokens, E=E, top_k=top_k, H=H, F=F, chosen_experts=chosen))
 
 
+def route_case(device, tokens, E, top_k, H, dtype=torch.bfloat16):
+    """The router forward and its backward to x and gate_weight (the routing weights' gradient alone):
+    the Triton router kernels against the torch backend's softmax top-k under autograd. Floor: x read
+    forward and twice backward, dx written, at the copy bandwidth."""
+    x_cpu, gate_cpu, _, _ = _problem(tokens, E, H, 1, "uniform", "cpu", dtype)
+
+    def make():
+        x = x_cpu.to(device=device, dtype=dtype).requires_grad_()
+        gate = gate_cpu.to(device=device, dtype=dtype).requires_grad_()
+        return x, gate, torch.randn(tokens, top_k, device=device)
+
+    def run(backend):
+        def call(i):
+            weights, _ = ops.route(i[0], i[1], top_k, backend=backend)
+            torch.autograd.grad(weights, i[:2], i[2])
+        return call
+
+    impls = {"ours[triton]": run("triton"), "torch autograd": run("torch")}
+    elem = torch.finfo(dtype).bits // 8
+    return Case("moe routing", f"route fwd+bwd E{E} top{top_k} H{H} T{tokens}", make, impls,
+                bytes=4 * tokens * H * elem, max_sets=1, params=dict(tokens=tokens, E=E, top_k=top_k, H=H))
+
+
 def cases(device):
     if device.type != "cuda":  # the CPU paths at a toy shape (the interpreter is for tests, not timing)
         toy = dict(E=8, top_k=2, H=64, F=128)
@@ -247,4 +271,5 @@ def cases(device):
             fused_case(device, 8192, **ep)]
     out += [fused_case(device, t, **m1, backward=True) for t in (1024, 8192)]
     out += [fused_case(device, 8192, **tp, backward=True)]
+    out += [route_case(device, t, m1["E"], m1["top_k"], m1["H"]) for t in (1024, 8192)]
     return out
