@@ -50,6 +50,8 @@ TORCH = Backend("torch", torch_backend, runs_on="anywhere (plain PyTorch; the CP
                 limits="any head dims; fp32 arithmetic", custom_ops=False)
 
 BACKENDS = (TRITON, CUDA, TORCH)
+# The family's own choice, read before M1_OPS_BACKEND.
+ENV_VAR = "M1_LIGHTNING_BACKEND"
 # The backends of each op, fastest first as measured on the H200 (bench/NOTES.md): the default is the
 # first that can run the call.
 OP_BACKENDS = {

@@ -35,7 +35,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from m1_kernels.dispatch import part_impl, resolve_backend, run_backend as _run
 from m1_kernels.validate import FLOAT_DTYPES, can_read_values, check_shape, check_tensor, host_values
 
-from .backends import BACKENDS, OP_BACKENDS
+from .backends import BACKENDS, ENV_VAR, OP_BACKENDS
 
 def _impl(backend: str, part: Optional[str] = None):
     return part_impl(BACKENDS, backend, part)
@@ -259,8 +259,8 @@ def _check_slot_idx(slot_idx, rows, device):
 
 
 def _backend(op, backend, q, v):
-    return resolve_backend(op, backend, OP_BACKENDS[op], q.device, dtype=q.dtype, head_dim=q.shape[-1],
-                           value_dim=v.shape[-1])
+    return resolve_backend(op, backend, OP_BACKENDS[op], q.device, family_var=ENV_VAR, dtype=q.dtype,
+                           head_dim=q.shape[-1], value_dim=v.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------------

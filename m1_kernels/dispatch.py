@@ -1,4 +1,5 @@
-"""Backend selection (docs/design.md, "Backends"): explicit `backend=` > `M1_OPS_BACKEND` > fastest verified here.
+"""Backend selection (docs/design.md, "Backends"): explicit `backend=` > the family's variable (M1_MOE_BACKEND,
+M1_LIGHTNING_BACKEND) > `M1_OPS_BACKEND` > fastest verified here.
 
 Every public op has up to three backends with one signature: "cuda" (csrc extension), "triton" and
 "torch" (plain PyTorch, runs anywhere). A backend that is asked for and cannot run raises; nothing
@@ -115,20 +116,22 @@ def available_backends(backends: Sequence[Backend], device: torch.device) -> lis
     return [row for row in backends if row.device_error(device) is None]
 
 
-def resolve_backend(op: str, requested: str | None, backends: Sequence[Backend], device: torch.device,
-                    **call) -> Backend:
+def resolve_backend(op: str, requested: str | None, backends: Sequence[Backend], device: torch.device, *,
+                    family_var: str | None = None, **call) -> Backend:
     """Pick the backend row for one call of `op`.
 
     `backends` are the rows of the op's family table that implement `op`, in its default order
     (fastest first as measured on Hopper, bench/results). The default is the first that can run on
     `device` and take this call (`row.unsupported(op, **call)`); CPU tensors default to "torch" (the
-    Triton interpreter is for tests, not for speed). A requested backend (argument, else the
-    M1_OPS_BACKEND environment variable) that is unknown, not implemented for `op` or cannot take the
-    call raises ValueError; one that cannot run here raises RuntimeError. Nothing is substituted.
+    Triton interpreter is for tests, not for speed). A requested backend (argument, else the family's
+    environment variable `family_var`, e.g. M1_MOE_BACKEND, else M1_OPS_BACKEND) that is unknown, not
+    implemented for `op` or cannot take the call raises ValueError; one that cannot run here raises
+    RuntimeError. Nothing is substituted.
     """
     source = "backend="
-    if requested is None:
-        requested, source = os.environ.get(ENV_VAR) or None, ENV_VAR + "="
+    for var in (family_var, ENV_VAR):
+        if requested is None and var is not None:
+            requested, source = os.environ.get(var) or None, var + "="
     if requested is None:
         candidates = [r for r in backends if r.name == "torch"] if device.type != "cuda" else backends
         for row in candidates:

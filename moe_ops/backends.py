@@ -50,6 +50,9 @@ TORCH = Backend("torch", torch_backend, runs_on="anywhere (plain PyTorch; the CP
                 "that reads the offsets on the host (not capturable in a CUDA graph)", custom_ops=False)
 
 BACKENDS = (TRITON, CUDA, TORCH)
+# The family's own choice, read before M1_OPS_BACKEND: e.g. M1_MOE_BACKEND=cuda trains the MoE layers on
+# the CUTLASS GEMMs while lightning attention keeps its default.
+ENV_VAR = "M1_MOE_BACKEND"
 # The backends of each op, fastest first as measured on the H200 (bench/NOTES.md): the default is the
 # first that can run the call. The cuda backend has no routing or permutation of its own: fused_moe
 # borrows Triton's (declared above); route, permute and unpermute are not offered under its name.

@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 from m1_kernels.dispatch import part_impl, resolve_backend, run_backend as _run
 from m1_kernels.validate import FLOAT_DTYPES, check_shape, check_tensor
 
-from .backends import BACKENDS, MAX_EXPERTS, MAX_TOP_K, OP_BACKENDS
+from .backends import BACKENDS, ENV_VAR, MAX_EXPERTS, MAX_TOP_K, OP_BACKENDS
 
 WEIGHT_LAYOUTS = ("nk", "kn")
 
@@ -532,7 +532,7 @@ def route(x, gate_weight, top_k, *, renormalize=True, backend=None):
     """
     _check_x("x", x)
     _check_gate(gate_weight, x, top_k)
-    row = resolve_backend("route", backend, OP_BACKENDS["route"], x.device)
+    row = resolve_backend("route", backend, OP_BACKENDS["route"], x.device, family_var=ENV_VAR)
     return _run(row, _route, _route_body, x, gate_weight, top_k, bool(renormalize), eager=_ROUTE_EAGER)
 
 
@@ -550,7 +550,7 @@ def permute(x, expert_ids, num_experts, *, backend=None):
     _check_x("x", x)
     _check_int("num_experts", num_experts, 1, MAX_EXPERTS)
     _check_expert_ids(expert_ids, x.shape[0], num_experts, x.device)
-    row = resolve_backend("permute", backend, OP_BACKENDS["permute"], x.device)
+    row = resolve_backend("permute", backend, OP_BACKENDS["permute"], x.device, family_var=ENV_VAR)
     return _run(row, _permute, _permute_body, x, expert_ids, num_experts, eager=_PERMUTE_EAGER)
 
 
@@ -575,8 +575,8 @@ def grouped_gemm(x, weight, offsets, *, weight_layout="nk", backend=None):
                          f"{'[E, N, K]' if weight_layout == 'nk' else '[E, K, N]'}) has K = {K} but x has "
                          f"{x.shape[1]} columns")
     _check_offsets(offsets, weight.shape[0], x.shape[0], x.device)
-    row = resolve_backend("grouped_gemm", backend, OP_BACKENDS["grouped_gemm"], x.device, dtype=x.dtype,
-                          gemm_sizes={"N (output columns)": N, "K (x.shape[1])": K})
+    row = resolve_backend("grouped_gemm", backend, OP_BACKENDS["grouped_gemm"], x.device, family_var=ENV_VAR,
+                          dtype=x.dtype, gemm_sizes={"N (output columns)": N, "K (x.shape[1])": K})
     return _run(row, _grouped_gemm, _grouped_gemm_body, x, weight, offsets, weight_layout,
                 eager=_GROUPED_GEMM_EAGER)
 
@@ -601,7 +601,7 @@ def unpermute(y_sorted, sorted_idx, weights, *, backend=None):
     if sorted_idx.device.type == "cpu" and not torch.equal(
             torch.sort(sorted_idx).values, torch.arange(N * k, dtype=torch.int32)):
         raise ValueError("sorted_idx must be a permutation of 0 .. N*k-1")
-    row = resolve_backend("unpermute", backend, OP_BACKENDS["unpermute"], y_sorted.device)
+    row = resolve_backend("unpermute", backend, OP_BACKENDS["unpermute"], y_sorted.device, family_var=ENV_VAR)
     return _run(row, _unpermute, _unpermute_body, y_sorted, sorted_idx, weights, k, eager=_UNPERMUTE_EAGER)
 
 
@@ -620,7 +620,7 @@ def fused_moe(x, gate_weight, gate_up_proj, down_proj, top_k, *, renormalize=Tru
     _check_x("x", x)
     _check_gate(gate_weight, x, top_k)
     F = _check_expert_weights(gate_up_proj, down_proj, x, gate_weight.shape[0])
-    row = resolve_backend("fused_moe", backend, OP_BACKENDS["fused_moe"], x.device, dtype=x.dtype,
-                          gemm_sizes={"H": x.shape[1], "F": F})
+    row = resolve_backend("fused_moe", backend, OP_BACKENDS["fused_moe"], x.device, family_var=ENV_VAR,
+                          dtype=x.dtype, gemm_sizes={"H": x.shape[1], "F": F})
     return _run(row, _fused_moe_kernels, _fused_moe_body, x, gate_weight, gate_up_proj, down_proj, top_k,
                 bool(renormalize), eager=_fused_moe_eager)

@@ -529,6 +529,37 @@ def test_default_backend_skips_kernels_that_cannot_take_the_arguments(monkeypatc
         lightning_ops.lightning_attn(q, k, v, lightning_ops.slopes(2, 0, 80, device=DEVICE), backend="triton")
 
 
+def test_backend_choice_order_argument_family_variable_global_variable(monkeypatch):
+    """backend= > the family's variable (M1_LIGHTNING_BACKEND, M1_MOE_BACKEND) > M1_OPS_BACKEND > the default
+    order; each family reads its own variable only, and an error names the variable that asked."""
+    from m1_kernels import moe_ops
+
+    rows = [Backend("triton", None, "", ()), Backend("torch", None, "", (), custom_ops=False)]
+    pick = lambda requested=None: resolve_backend("op", requested, rows, torch.device("cpu"),  # noqa: E731
+                                                  family_var="M1_FAMILY_BACKEND").name
+    monkeypatch.delenv("M1_OPS_BACKEND", raising=False)
+    assert pick() == "torch"
+    monkeypatch.setenv("M1_OPS_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="op: M1_OPS_BACKEND='cuda' is not implemented for this op"):
+        pick()
+    monkeypatch.setenv("M1_FAMILY_BACKEND", "torch")
+    assert pick() == "torch"
+    monkeypatch.setenv("M1_FAMILY_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="op: M1_FAMILY_BACKEND='cuda'"):
+        pick()
+    assert pick("torch") == "torch"
+    monkeypatch.delenv("M1_OPS_BACKEND")
+    q, k, v = (torch.randn(1, 4, 2, 8) for _ in range(3))
+    x, gate = torch.randn(4, 16), torch.randn(3, 16)
+    monkeypatch.setenv("M1_MOE_BACKEND", "cuda")  # the MoE family's choice: lightning attention keeps its default
+    lightning_ops.lightning_attn(q, k, v, lightning_ops.slopes(2, 0, 80))
+    with pytest.raises(ValueError, match="route: M1_MOE_BACKEND='cuda' is not implemented"):
+        moe_ops.route(x, gate, 2)
+    monkeypatch.setenv("M1_LIGHTNING_BACKEND", "nonesuch")
+    with pytest.raises(ValueError, match="lightning_attn: M1_LIGHTNING_BACKEND='nonesuch' is not a backend"):
+        lightning_ops.lightning_attn(q, k, v, lightning_ops.slopes(2, 0, 80))
+
+
 def test_backend_table_declares_borrowing_and_limits():
     """The table behind the README: each kernel backend runs its own backward (nothing borrowed, the
     row says "-"); a borrowing backend is unavailable where its lender is."""
