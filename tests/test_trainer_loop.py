@@ -4,10 +4,13 @@ repeats the next step bit for bit, batch-invariant old log-probs equal the train
 activation checkpointing changes nothing, bad configs name the field, and the CLI runs."""
 
 import json
+import os
+from unittest import mock
 
 import pytest
 import torch
 
+from m1_kernels.moe_ops import backends
 from m1_kernels.trainer.__main__ import main as cli_main
 from m1_kernels.trainer.config import TrainerConfig
 from m1_kernels.trainer.loop import Group, Trainer, make_batch, token_logprobs
@@ -96,6 +99,25 @@ def test_batch_invariant_old_logprobs_equal_the_training_forward(tmp_path):
         alone, _ = trainer.sequence_logprobs(make_batch([s], trainer.device))
         n = alone.shape[1]
         assert torch.equal(together[i, :n], alone[0]) and not together[i, n:].any()
+
+
+def test_batch_invariant_recompute_takes_the_training_forwards_moe_kernels(tmp_path, monkeypatch):
+    """Batch-invariant old log-probs come from the training forward's kernels: with the MoE layers on Triton
+    (M1_MOE_BACKEND; the interpreter on a CPU), the recompute never takes the few-token forward, which a
+    forward without gradients of a short sequence would (its sums differ from the general path's in the
+    last bits; the tiny model's log-probs happen not to show it)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels on CPU tensors need TRITON_INTERPRET=1")
+    monkeypatch.setenv("M1_MOE_BACKEND", "triton")
+    impl = backends.TRITON.impl
+    for invariant in (True, False):  # without batch invariance the recompute runs without gradients
+        trainer = Trainer(config(tmp_path / str(invariant), old_logprobs="recompute", batch_invariant=invariant,
+                                 micro_batch_size=2, prompts_per_step=1, samples_per_prompt=2),
+                          reward_fn=first_token_even)
+        groups, _ = trainer.rollout()
+        with mock.patch.object(impl, "few_token_moe", wraps=impl.few_token_moe) as few_token:
+            trainer._samples(groups)
+        assert (few_token.call_count == 0) == invariant, few_token.call_count
 
 
 def test_activation_checkpointing_changes_nothing(tmp_path):

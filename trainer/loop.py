@@ -313,8 +313,11 @@ class Trainer:
         samples = [Sample(g.prompt, c, lp, adv[i, j].item())
                    for i, g in enumerate(groups) for j, (c, lp) in enumerate(zip(g.completions, g.logprobs))]
         if cfg.old_logprobs == "recompute":
-            # What a rollout worker computes: the training forward over the batch in rollout order.
-            with torch.no_grad():
+            # What a rollout worker computes: the training forward over the batch in rollout order. Batch-invariant
+            # mode keeps autograd on (the graph is dropped at once) so that every op takes the training forward's
+            # kernels: without gradients fused_moe runs short sequences on its few-token kernels, whose sums
+            # differ from the general path's in the last bits.
+            with torch.set_grad_enabled(cfg.batch_invariant):
                 for micro in _chunks(samples, cfg.micro_batch_size):
                     batch = make_batch(micro, self.device)
                     lp, _ = self.sequence_logprobs(batch)
