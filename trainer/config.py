@@ -40,7 +40,7 @@ class TrainerConfig:
     Loss: method, eps_low, eps_high, normalization, advantage_std (see trainer.loss).
     Updates: updates_per_batch (mu: the generation batch is split into mu mini-batches, one optimizer step
     each, so later ones are off-policy), micro_batch_size (sequences per forward/backward), old_logprobs
-    ("engine": the rollout's own; "recompute": a no-grad training forward before the updates),
+    ("engine": the rollout's own; "recompute": the training forward, no backward, before the updates),
     batch_invariant (every sequence's forward runs alone, so its log-probs do not depend on the batch it is
     in; needs old_logprobs="recompute", which then equal the training forward's bit for bit), logprobs_from
     ("fused": final hidden states through fused_logprobs; "logits": the model's full logits, for models whose

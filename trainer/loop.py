@@ -4,7 +4,7 @@
             --reward (a plain Python callable), DAPO's overlong penalty--> rewards [P, G]
             --dynamic sampling: drop groups whose rewards are all equal, sample more prompts--> P groups
             --group_advantages--> advantages
-            --(old_logprobs="recompute": a no-grad training forward over the batch, in rollout order)
+            --(old_logprobs="recompute": the training forward over the batch, in rollout order, no backward)
             --shuffle, split into mu mini-batches--> mu optimizer steps (micro-batches accumulate gradients;
               policy_loss normalised by the mini-batch's global token / sequence count)
             --engine.update_weights--> the next step samples from the new policy
