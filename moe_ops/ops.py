@@ -377,8 +377,8 @@ class _MoeEager(torch.autograd.Function):
         if needs_x or needs_gate:  # the routing weights' gradient, as the ops run it only when it is needed
             dx_route, d_gate = _route_bwd_body(dweights, x, gate_weight, ids, ctx.renormalize, needs_x, needs_gate,
                                                ctx.backend)
-            if dx_route is not None:
-                dx = dx_route if dx is None else dx + dx_route
+            if dx_route is not None:  # dx is this backward's own tensor: add in place, no third [N, H] buffer
+                dx = dx_route if dx is None else dx.add_(dx_route)
         return (dx, d_gate, d_gate_up if needs_gate_up else None, d_down if needs_down else None,
                 None, None, None)
 

@@ -96,7 +96,7 @@ def route_backward(dweights, x, gate_weight, ids, renormalize, needs_dx, needs_d
     route_gate_grad_kernel[(column_blocks, splits)](
         d_logits, x, partial, N, H, E, rows_per_split, x.stride(0), x.stride(1), BLOCK_N=block_n, BLOCK_E=block_e,
         BLOCK_H=block_h)
-    return dx, partial.sum(0).to(gate_weight.dtype)
+    return dx, (partial[0] if splits == 1 else partial.sum(0)).to(gate_weight.dtype)
 
 
 def sort_by_expert(expert_ids, num_experts):
