@@ -227,10 +227,12 @@ def few_token_case(device, tokens, E, top_k, H, F, dtype=torch.bfloat16, seed=0)
                 params=dict(tokens=tokens, E=E, top_k=top_k, H=H, F=F, chosen_experts=chosen))
 
 
-def route_case(device, tokens, E, top_k, H, dtype=torch.bfloat16):
+def route_case(device, tokens, E, top_k, H, dtype=torch.bfloat16, cuda_graph=False):
     """The router forward and its backward to x and gate_weight (the routing weights' gradient alone):
     the Triton router kernels against the torch backend's softmax top-k under autograd. Floor: x read
-    forward and twice backward, dx written, at the copy bandwidth."""
+    forward and twice backward, dx written, at the copy bandwidth. Timed alone, both take the host's
+    launch time, about 1.1 ms at either token count (bench/NOTES.md, session 19); with cuda_graph, as
+    replays of a CUDA graph: the GPU time."""
     x_cpu, gate_cpu, _, _ = _problem(tokens, E, H, 1, "uniform", "cpu", dtype)
 
     def make():
@@ -246,8 +248,9 @@ def route_case(device, tokens, E, top_k, H, dtype=torch.bfloat16):
 
     impls = {"ours[triton]": run("triton"), "torch autograd": run("torch")}
     elem = torch.finfo(dtype).bits // 8
-    return Case("moe routing", f"route fwd+bwd E{E} top{top_k} H{H} T{tokens}", make, impls,
-                bytes=4 * tokens * H * elem, max_sets=1, params=dict(tokens=tokens, E=E, top_k=top_k, H=H))
+    return Case("moe routing", f"route fwd+bwd E{E} top{top_k} H{H} T{tokens}" + (" (graph)" if cuda_graph else ""),
+                make, impls, bytes=4 * tokens * H * elem, max_sets=1, cuda_graph=cuda_graph,
+                params=dict(tokens=tokens, E=E, top_k=top_k, H=H, graph=cuda_graph))
 
 
 def cases(device):
@@ -271,5 +274,6 @@ def cases(device):
             fused_case(device, 8192, **ep)]
     out += [fused_case(device, t, **m1, backward=True) for t in (1024, 8192)]
     out += [fused_case(device, 8192, **tp, backward=True)]
-    out += [route_case(device, t, m1["E"], m1["top_k"], m1["H"]) for t in (1024, 8192)]
+    out += [route_case(device, t, m1["E"], m1["top_k"], m1["H"], cuda_graph=graph)
+            for graph in (False, True) for t in (1024, 8192)]
     return out
