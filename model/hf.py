@@ -21,6 +21,7 @@ from m1_kernels.lightning_ops import LightningAttention, slopes
 from m1_kernels.moe_ops import SparseMoE
 
 from .checkpoint import HF_DERIVED_BUFFERS
+from .modeling import family_backends
 
 
 class HFLightningAttention(LightningAttention):
@@ -98,9 +99,11 @@ def sparse_moe_from_hf(hf_block, backend=None) -> SparseMoE:
 def replace_hf_modules(hf_model, backend=None):
     """Swap the lightning-attention and MoE modules of a `transformers` MiniMaxForCausalLM (or MiniMaxModel)
     for ours, in place, sharing their parameters; returns the same model. `backend` picks the kernel
-    backend of the new modules (None: the default dispatch)."""
+    backend of the new modules: one name for both, or {"lightning": ..., "moe": ...} (M1ForCausalLM's
+    `backend`; None: the default dispatch)."""
     from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention, MiniMaxSparseMoeBlock
 
+    backend = family_backends(backend)
     base = getattr(hf_model, "model", hf_model)
     layers = getattr(base, "layers", None)
     if layers is None:
@@ -109,10 +112,10 @@ def replace_hf_modules(hf_model, backend=None):
     for layer in layers:
         attn = layer.self_attn
         if isinstance(attn, MiniMaxLightningAttention):
-            layer.self_attn = HFLightningAttention.from_hf(attn, backend=backend)
+            layer.self_attn = HFLightningAttention.from_hf(attn, backend=backend["lightning"])
             replaced += 1
         if isinstance(layer.mlp, MiniMaxSparseMoeBlock):
-            layer.mlp = sparse_moe_from_hf(layer.mlp, backend=backend)
+            layer.mlp = sparse_moe_from_hf(layer.mlp, backend=backend["moe"])
             replaced += 1
     if not replaced:
         ours = any(isinstance(layer.mlp, SparseMoE) for layer in layers)

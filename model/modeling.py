@@ -24,10 +24,13 @@ keys/values into the sequence's pages and attend over everything cached so far (
 `slot_idx[b]`; the engine (model/engine.py) builds its StepBatches itself and calls `M1Model` directly.
 """
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from m1_kernels.dispatch import BACKENDS
 from m1_kernels.lightning_ops import LightningAttention
 from m1_kernels.moe_ops import SparseMoE
 from m1_kernels.norm import RMSNorm
@@ -36,6 +39,31 @@ from .cache import HybridCache, StepBatch
 from .config import LINEAR, M1Config
 from .lm_head import lm_head_logits
 from .paged_attention import paged_attention_decode, paged_attention_prefill, write_kv
+
+
+# The model's op families, each of which can take its own kernel backend (M1ForCausalLM's `backend`).
+BACKEND_FAMILIES = ("lightning", "moe", "attention")
+
+
+def family_backends(backend) -> dict:
+    """{family: backend name or None} for M1ForCausalLM's `backend`: one name (or None) for every family, or
+    a mapping from some of BACKEND_FAMILIES to names; a family left out takes the default dispatch (which
+    reads M1_LIGHTNING_BACKEND / M1_MOE_BACKEND / M1_OPS_BACKEND)."""
+    if backend is None or isinstance(backend, str):
+        chosen = dict.fromkeys(BACKEND_FAMILIES, backend)
+    elif isinstance(backend, Mapping):
+        unknown = [f for f in backend if f not in BACKEND_FAMILIES]
+        if unknown:
+            raise ValueError(f"backend: {unknown} are not op families; the model's are {list(BACKEND_FAMILIES)}")
+        chosen = {f: backend.get(f) for f in BACKEND_FAMILIES}
+    else:
+        raise TypeError(f"backend must be a backend name, a mapping from op family to backend name, or None, "
+                        f"got {type(backend).__name__}")
+    for family, name in chosen.items():
+        if name is not None and name not in BACKENDS:
+            where = "backend" if isinstance(backend, str) else f"backend[{family!r}]"
+            raise ValueError(f"{where} must be one of {list(BACKENDS)} or None, got {name!r}")
+    return chosen
 
 
 def rotary_cos_sin(positions, rotary_dim: int, theta: float):
@@ -102,6 +130,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: M1Config, layer_idx: int, backend=None):
         super().__init__()
+        backend = family_backends(backend)
         self.layer_idx = layer_idx
         self.is_linear = config.layer_types[layer_idx] == LINEAR
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -109,13 +138,13 @@ class DecoderLayer(nn.Module):
         if self.is_linear:
             self.self_attn = LightningAttention(config.hidden_size, config.num_attention_heads, config.head_dim,
                                                 layer_idx, config.num_hidden_layers,
-                                                norm_eps=config.lightning_norm_eps, backend=backend)
+                                                norm_eps=config.lightning_norm_eps, backend=backend["lightning"])
             self.attn_alpha, self.attn_beta = config.linear_attn_alpha, config.linear_attn_beta
         else:
-            self.self_attn = SoftmaxAttention(config, layer_idx, backend)
+            self.self_attn = SoftmaxAttention(config, layer_idx, backend["attention"])
             self.attn_alpha, self.attn_beta = config.full_attn_alpha, config.full_attn_beta
         self.mlp = SparseMoE(config.hidden_size, config.intermediate_size, config.num_local_experts,
-                             config.num_experts_per_tok, backend=backend)
+                             config.num_experts_per_tok, backend=backend["moe"])
         self.mlp_alpha, self.mlp_beta = config.mlp_alpha, config.mlp_beta
 
     def _lightning(self, h, cache, batch):
@@ -167,8 +196,11 @@ class M1ForCausalLM(nn.Module):
 
     Args:
         config: the architecture (see M1Config; `M1Config.preset("minimax-m1")` is the released model).
-        backend: kernel backend of the lightning and MoE ops ("cuda", "triton", "torch" or None for the
-            default of m1_kernels.dispatch).
+        backend: kernel backend of the model's ops: "cuda", "triton", "torch" or None (the default of
+            m1_kernels.dispatch) for all of them, or a mapping from op family ("lightning", "moe",
+            "attention": the softmax layers' paged attention) to one of those, e.g. {"moe": "cuda"} to train
+            the MoE layers on the CUTLASS GEMMs while lightning attention keeps its default. The softmax
+            layers' kernels have "triton" and "torch" backends; "cuda" leaves them their default.
     """
 
     def __init__(self, config: M1Config, backend=None):

@@ -3,6 +3,7 @@ drop-in replacement, hybrid cache, checkpoints, partial rotary, parameter counts
 
 import json
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -128,6 +129,54 @@ def test_replace_hf_modules_trains_through_the_default_cache():
                   position_ids=torch.full((2, 1), 12)).logits
         full = hf(torch.cat([ids, ids[:, -1:]], dim=1), use_cache=False).logits[:, -1:]
     assert relative_error(step, full) <= 1e-4
+
+
+def _layer_backends(layers):
+    return {(type(layer.self_attn).__name__, layer.mlp.backend, layer.self_attn.backend) for layer in layers}
+
+
+def test_backend_per_op_family():
+    """A mapping sets each op family's backend (the others keep the default dispatch), in the model and in
+    replace_hf_modules; a model with its families on Triton (the interpreter on a CPU) and torch runs
+    each family's kernels where it says and agrees with the all-torch model."""
+    config = M1Config.preset("tiny")
+    model = M1ForCausalLM(config, backend={"moe": "triton", "attention": "torch"})
+    assert _layer_backends(model.model.layers) == {("LightningAttention", "triton", None),
+                                                   ("SoftmaxAttention", "triton", "torch")}
+    model = M1ForCausalLM(config, backend="cuda")  # the softmax layers' kernels have no cuda backend
+    assert _layer_backends(model.model.layers) == {("LightningAttention", "cuda", "cuda"),
+                                                   ("SoftmaxAttention", "cuda", None)}
+    hf = replace_hf_modules(hf_tiny(), backend={"lightning": "torch"})
+    assert {(layer.mlp.backend, layer.self_attn.backend) for layer in hf.model.layers[:3]} == {(None, "torch")}
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    from m1_kernels.lightning_ops import backends as lightning_backends
+    from m1_kernels.moe_ops import backends as moe_backends
+    torch.manual_seed(0)
+    mixed = M1ForCausalLM(config, backend={"moe": "triton", "lightning": "torch", "attention": "torch"}).eval()
+    ids = torch.randint(0, config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    moe_triton = moe_backends.TRITON.impl  # 12 tokens without gradients: its few-token kernels
+    with (mock.patch.object(moe_triton, "few_token_moe", wraps=moe_triton.few_token_moe) as moe,
+          mock.patch.object(lightning_backends.TRITON.impl, "lightning_fwd") as lightning_triton,
+          torch.no_grad()):
+        got = mixed(ids)
+    assert moe.call_count == config.num_hidden_layers and not lightning_triton.called
+    with torch.no_grad():
+        expected = tiny_model()(ids)
+    assert relative_error(got, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("backend, error, match", [
+    ({"mlp": "cuda"}, ValueError, r"\['mlp'\] are not op families"),
+    ({"moe": "cutlass"}, ValueError, r"backend\['moe'\] must be one of"),
+    ("fast", ValueError, "backend must be one of"),
+    (["triton"], TypeError, "backend must be a backend name, a mapping"),
+])
+def test_bad_backends_rejected(backend, error, match):
+    with pytest.raises(error, match=match):
+        M1ForCausalLM(M1Config.preset("tiny"), backend=backend)
+    with pytest.raises(error, match=match):
+        replace_hf_modules(hf_tiny(), backend=backend)
 
 
 def test_replace_hf_modules_rejects_other_models():

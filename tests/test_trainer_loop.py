@@ -158,6 +158,9 @@ def test_activation_checkpointing_changes_nothing(tmp_path):
     (dict(logits_gemm="cutlass"), ValueError, "logits_gemm"),
     (dict(logits_gemm="cublas"), ValueError, "logits_gemm 'cublas' needs dtype 'bfloat16'"),
     (dict(logits_gemm="triton", backend="torch"), ValueError, "logits_gemm applies to the triton backend"),
+    (dict(backend="gpu"), ValueError, "backend must be one of"),
+    (dict(backend={"experts": "cuda"}), ValueError, r"backend: \['experts'\] are not op families"),
+    (dict(backend={"moe": 1}), ValueError, r"backend\['moe'\]"),
 ])
 def test_bad_configs_name_the_field(changes, error, field):
     with pytest.raises(error, match=field):
@@ -166,9 +169,13 @@ def test_bad_configs_name_the_field(changes, error, field):
 
 def test_config_files(tmp_path):
     toml = tmp_path / "run.toml"
-    toml.write_text('method = "ppo"\neps_low = 0.2\nbetas = [0.9, 0.99]\n[task_options]\nmax_len = 4\n')
+    toml.write_text('method = "ppo"\neps_low = 0.2\nbetas = [0.9, 0.99]\nbackend = {moe = "torch"}\n'
+                    '[task_options]\nmax_len = 4\n')
     cfg = TrainerConfig.from_file(toml)
     assert (cfg.method, cfg.eps_low, cfg.betas, cfg.task_options) == ("ppo", 0.2, [0.9, 0.99], {"max_len": 4})
+    assert cfg.backend == {"moe": "torch"}
+    model = Trainer(config(tmp_path, backend=cfg.backend)).model
+    assert {(layer.mlp.backend, layer.self_attn.backend) for layer in model.model.layers} == {("torch", None)}
     js = tmp_path / "run.json"
     js.write_text(json.dumps({"method": "cispo", "eps_high": None, "stepz": 3}))
     with pytest.raises(ValueError, match="unknown config field.*stepz"):

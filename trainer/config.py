@@ -13,6 +13,8 @@ import os
 import tomllib
 from typing import Any
 
+from m1_kernels.model.modeling import family_backends
+
 from . import head_loss
 from .loss import ADVANTAGE_STD, METHODS, NORMALIZATIONS
 from .tasks import TASKS
@@ -30,7 +32,8 @@ class TrainerConfig:
 
     Model: model_preset (an M1Config preset), model_overrides (M1Config fields), init_checkpoint (a folder from
     save_pretrained; its config wins over preset and overrides), dtype ("float32" or "bfloat16" parameters),
-    backend (kernel backend of the model's ops, None = default), device (None = cuda if available).
+    backend (kernel backend of the model's ops, None = default; a table such as {moe = "cuda"} sets it per op
+    family, see M1ForCausalLM), device (None = cuda if available).
     Task: task (a name in trainer.tasks.TASKS), task_options.
     Rollouts: prompts_per_step (P), samples_per_prompt (G), max_new_tokens, temperature, top_p, top_k,
     repetition_stop ([n, p] or None: the engine ends a completion after n tokens each above probability p),
@@ -58,7 +61,7 @@ class TrainerConfig:
     model_overrides: dict = dataclasses.field(default_factory=dict)
     init_checkpoint: str | None = None
     dtype: str = "float32"
-    backend: str | None = None
+    backend: str | dict | None = None
     device: str | None = None
     task: str = "reverse"
     task_options: dict = dataclasses.field(default_factory=dict)
@@ -110,9 +113,10 @@ class TrainerConfig:
         """Raise naming the first bad field."""
         for name in ("model_preset", "task", "out_dir"):
             _string(name, getattr(self, name))
-        for name in ("init_checkpoint", "backend", "device"):
+        for name in ("init_checkpoint", "device"):
             if getattr(self, name) is not None:
                 _string(name, getattr(self, name))
+        family_backends(self.backend)
         for name in ("model_overrides", "task_options"):
             if not isinstance(getattr(self, name), dict):
                 raise TypeError(f"{name} must be a table/dict, got {type(getattr(self, name)).__name__}")
