@@ -343,7 +343,7 @@ class M1ForCausalLM(nn.Module):
 
         dtype: a torch dtype or its name as `transformers` takes it ("bfloat16", "float32", ...); None or
         "auto": the config's torch_dtype, else the stored weights' dtype. device: where the parameters go.
-        backend: the kernel backend of the lightning and MoE ops (None: the default dispatch)."""
+        backend: the kernel backend of the model's ops, one or one per op family (as in M1ForCausalLM)."""
         from .checkpoint import load_pretrained
         return load_pretrained(cls, path, dtype=dtype, device=device, backend=backend)
 

@@ -91,7 +91,7 @@ def from_pretrained_parallel(folder, mesh, *, dtype=None, backend=None, **parall
         mesh: the DeviceMesh for `parallelize`.
         dtype: parameter dtype (a torch dtype or its name; None or "auto": the config's torch_dtype,
             else the first tensor's).
-        backend: kernel backend of the model's ops.
+        backend: kernel backend of the model's ops, one or one per op family (as in M1ForCausalLM).
         parallel_options: passed to `parallelize` (param_dtype, reduce_dtype, io, ...).
     """
     folder = os.fspath(folder)
