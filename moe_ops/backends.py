@@ -43,7 +43,7 @@ TRITON = Backend("triton", triton_backend, runs_on="CUDA GPUs (TMA loads on Hopp
                  limits=f"E <= {MAX_EXPERTS}, top_k <= {MAX_TOP_K}; {FEW_TOKEN_LIMIT}")
 CUDA = Backend("cuda", cuda_backend, runs_on="sm_90a GPUs (H100, H200) with the extension built", dtypes=CUDA_DTYPES,
                limits="GEMM sizes (H, F; a grouped GEMM's N and K) multiples of 8, 16-byte aligned rows",
-               borrows={"route": "triton", "permute": "triton", "unpermute": "triton"},
+               borrows={"route": "triton", "permute": "triton", "unpermute": "triton", "few_token": "triton"},
                unsupported=_cuda_unsupported)
 TORCH = Backend("torch", torch_backend, runs_on="anywhere (plain PyTorch; the CPU default)", dtypes=FLOATS,
                 limits="grouped GEMM: torch._grouped_mm on CUDA bf16 with 16-byte rows, else a per-expert loop "
@@ -54,8 +54,9 @@ BACKENDS = (TRITON, CUDA, TORCH)
 # the CUTLASS GEMMs while lightning attention keeps its default.
 ENV_VAR = "M1_MOE_BACKEND"
 # The backends of each op, fastest first as measured on the H200 (bench/NOTES.md): the default is the
-# first that can run the call. The cuda backend has no routing or permutation of its own: fused_moe
-# borrows Triton's (declared above); route, permute and unpermute are not offered under its name.
+# first that can run the call. The cuda backend has no routing, permutation or few-token forward of its own:
+# fused_moe borrows Triton's (declared above; without the few-token kernels a cuda model's decode ran its MoE
+# 1.05-1.45x slower); route, permute and unpermute are not offered under its name.
 OP_BACKENDS = {
     "route": (TRITON, TORCH),
     "permute": (TRITON, TORCH),

@@ -3,8 +3,8 @@
 Every function takes tensors already checked by moe_ops.ops and returns new tensors. The grouped GEMM
 reads the routing offsets on the device only (a setup kernel fills CUTLASS's per-expert problem sizes,
 pointers and strides), so nothing here synchronises with the host and a whole MoE forward captures in a
-CUDA graph. Routing, permutation and the weighted combine are not here: fused_moe borrows the Triton
-backend's (declared in moe_ops/backends.py).
+CUDA graph. Routing, permutation, the weighted combine and the few-token forward (inference on <= 64
+tokens) are not here: fused_moe borrows the Triton backend's (declared in moe_ops/backends.py).
 
 The extension ships 16-bit kernels only (bf16, fp16; fp32 accumulation): the backend table refuses
 float32 calls before they get here. CUTLASS's TMA loads need 16-byte aligned rows: the GEMM's N and K,

@@ -76,7 +76,7 @@ def _expert_mlp_bwd_body(dy, x_sorted, h, preact, gate_up_proj, down_proj, offse
 
 
 def _few_token_body(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend):
-    return _impl(backend).few_token_moe(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize)
+    return _impl(backend, "few_token").few_token_moe(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize)
 
 
 def _fused_moe_body(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend):
@@ -330,9 +330,9 @@ def _moe_forward(steps, x, gate_weight, gate_up_proj, down_proj, top_k, renormal
 
 
 def _fused_moe_steps(steps, x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend):
-    """fused_moe on a kernel backend: the few-token forward where the backend has one and the call fits it
-    (few tokens, no gradient), else _moe_forward."""
-    impl = _impl(backend)
+    """fused_moe on a kernel backend: the few-token forward where the backend has or borrows one and the call
+    fits it (few tokens, no gradient), else _moe_forward."""
+    impl = _impl(backend, "few_token")
     if (not _needs_grad(x, gate_weight, gate_up_proj, down_proj) and hasattr(impl, "few_token_moe")
             and impl.few_token_fits(x.shape[0], top_k)):
         return steps.few_token(x, gate_weight, gate_up_proj, down_proj, top_k, renormalize, backend)

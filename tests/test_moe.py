@@ -379,7 +379,8 @@ def test_cuda_backend_refuses_float32_rather_than_substituting():
         with pytest.raises(ValueError, match="multiples of 8.*H=20"):
             moe_ops.fused_moe(*odd, 2, backend="cuda")
     assert backends.CUDA.unsupported("fused_moe", dtype=torch.bfloat16, gemm_sizes={"H": 16, "F": 8}) is None
-    assert backends.CUDA.borrows == {"route": "triton", "permute": "triton", "unpermute": "triton"}
+    assert backends.CUDA.borrows == {"route": "triton", "permute": "triton", "unpermute": "triton",
+                                     "few_token": "triton"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -628,6 +629,32 @@ def test_few_token_path_is_taken_only_where_it_applies():
         with torch.no_grad():
             torch.testing.assert_close(out, moe_ops.fused_moe(x, gate, gate_up, down, k, backend="torch"),
                                        rtol=1e-5, atol=1e-5)
+
+
+def test_the_cuda_backend_borrows_the_few_token_forward(monkeypatch):
+    """A cuda fused_moe call that fits the few-token forward runs Triton's, as the backend table declares (so a
+    cuda model's decode keeps the few-token kernels); calls with gradients or more tokens reach the CUTLASS
+    GEMMs. On a CPU the device check is stubbed: the borrowed path never calls the extension."""
+    require("triton", "fused_moe")
+    monkeypatch.setattr("m1_kernels.dispatch.backend_error", lambda backend, device: None)
+
+    class CutlassReached(Exception):
+        pass
+
+    def cutlass(*args, **kwargs):
+        raise CutlassReached
+    monkeypatch.setattr(backends.CUDA.impl, "grouped_gemm_swiglu", cutlass)
+    for N, grad, few in [(1, False, True), (64, False, True), (65, False, False), (8, True, False)]:
+        x, gate, gate_up, down = to_dev(make_moe(N, 16, 8, 4, 2, "uniform", N), torch.float16)
+        x.requires_grad_(grad)
+        with _few_token_spy() as spy, torch.set_grad_enabled(grad):
+            if few:
+                out = moe_ops.fused_moe(x, gate, gate_up, down, 2, backend="cuda")
+                assert torch.equal(out, moe_ops.fused_moe(x, gate, gate_up, down, 2, backend="triton"))
+            else:
+                with pytest.raises(CutlassReached):
+                    moe_ops.fused_moe(x, gate, gate_up, down, 2, backend="cuda")
+        assert spy.call_count == 2 * few, (N, grad)
 
 
 def test_few_token_under_torch_compile():
