@@ -321,7 +321,8 @@ class Trainer:
                 for micro in _chunks(samples, cfg.micro_batch_size):
                     batch = make_batch(micro, self.device)
                     lp, _ = self.sequence_logprobs(batch)
-                    for s, row, m in zip(micro, lp, batch.mask):
+                    lp, mask = lp.detach().cpu(), batch.mask.cpu()  # one copy to the host, not one per row
+                    for s, row, m in zip(micro, lp, mask):
                         s.old_logprobs = row[m].tolist()
         return samples
 
